@@ -1,0 +1,87 @@
+"""Shared benchmark plumbing: timing, hardware identification and result files.
+
+Every benchmark writes one JSON file per hardware class under
+``benchmarks/results/`` (``<name>.<hardware>.json``) holding the device name,
+the commit, the date and the measured figures, so results from CPU, H100 and
+H200 runs sit side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def hardware_class() -> str:
+    """``cpu``, ``h100``, ``h200`` or the lower-cased GPU name with spaces as dashes."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for known in ("h100", "h200", "a100"):
+        if known in name:
+            return known
+    return name.replace(" ", "-")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_time(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 5) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_result(name: str, figures: dict[str, Any]) -> Path:
+    """Write ``figures`` plus device, commit and date to ``results/<name>.<hardware>.json``."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": name,
+        "hardware": hardware_class(),
+        "device": device_name(),
+        "commit": commit(),
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        **figures,
+    }
+    path = RESULTS_DIR / f"{name}.{hardware_class()}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path

@@ -1,0 +1,513 @@
+"""Typed configuration, the ORZ presets and command-line overrides.
+
+A run's configuration is one :class:`Config` of nested sections. It is built
+from a preset (:data:`PRESETS`), then a YAML file (``--config``), then
+``--set a.b=VALUE`` overrides, and finally validated: an unknown key, a value
+of the wrong type or an out-of-range value raises :class:`ConfigError` naming
+the dotted key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is invalid; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str | None = None
+    """Policy checkpoint: a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file.
+    ``None`` builds a random-weight model from ``arch`` (tests, demo)."""
+    critic_path: str | None = None
+    """Critic trunk checkpoint; ``None`` starts the critic from ``path`` with a fresh value head."""
+    arch: dict[str, Any] = field(default_factory=dict)
+    """Hugging Face config fields for a random-weight model when ``path`` is None
+    (e.g. ``{"model_type": "qwen2", "hidden_size": 64, ...}``)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Parameter dtype on GPU (fp32 master weights are kept by the optimizer); CPU runs use float32."""
+    activation_checkpointing: bool = True
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (Megatron-core); must divide the attention and KV head counts."""
+    pp: int = 1
+    """Pipeline-parallel size; the data-parallel size is world_size / (tp * pp)."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    engine: Literal["native", "vllm"] = "native"
+    """Rollout engine: ``native`` shares the policy's tensors; ``vllm`` receives bucketed CUDA-IPC pushes."""
+    prompts_per_step: int = 128
+    """Distinct prompts sampled per PPO step."""
+    samples_per_prompt: int = 64
+    """Responses generated for each prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (0 means greedy)."""
+    top_p: float = 1.0
+    """Nucleus-sampling mass in (0, 1]."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 disables."""
+    max_tokens: int = 8000
+    """Maximum generated tokens per response; a response cut here is truncated (reward 0)."""
+    stop: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS))
+    """Stop strings; the matched string is kept in the output, as ORZ does."""
+    kv_cache_fraction: float = 0.9
+    """Fraction of free accelerator memory the rollout's KV cache may take (released after rollout)."""
+
+
+@dataclass(kw_only=True)
+class PPOConfig:
+    advantage: Literal["gae", "grpo"] = "gae"
+    """``gae``: critic + GAE (ORZ). ``grpo``: critic-free group-normalised rewards, for comparison."""
+    gamma: float = 1.0
+    """GAE discount γ."""
+    lam: float = 1.0
+    """GAE λ."""
+    clip_eps: float = 0.2
+    """PPO ratio clip ε (lower side, and upper side unless ``clip_eps_high`` is set)."""
+    clip_eps_high: float | None = None
+    """Upper clip ε for asymmetric clipping; ``None`` uses ``clip_eps``."""
+    value_clip: float = 0.2
+    """Clip range of the critic's value update around the old values."""
+    kl_coef: float = 0.0
+    """KL penalty coefficient; ORZ uses none (0), so no reference model is loaded."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient; ORZ uses none (0)."""
+    normalize_advantages: Literal["batch", "none"] = "batch"
+    """``batch``: whiten advantages over all response tokens of the step (ORZ)."""
+    policy_updates_per_step: int = 1
+    """Policy optimizer steps per rollout; 1 is strictly on-policy (old log-probs need no recompute)."""
+    critic_updates_per_step: int = 12
+    """Critic optimizer steps (shuffled mini-batches) per rollout."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one packed micro-batch (gradient accumulation unit)."""
+
+
+@dataclass(kw_only=True)
+class AnnealConfig:
+    enabled: bool = False
+    """Run the annealing stage after ``train.steps`` (ORZ 32B)."""
+    steps: int = 100
+    """Length of the annealing stage."""
+    final_policy_lr: float = 3e-7
+    """Policy lr reached by the linear decay at the end of the stage."""
+    data: list[str] = field(default_factory=list)
+    """Prompt files of the stage (ORZ: a curated hard-prompt set)."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    policy_lr: float = 1e-6
+    """Policy AdamW learning rate after warm-up."""
+    critic_lr: float = 5e-6
+    """Critic AdamW learning rate after warm-up."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_steps: int = 50
+    """Linear warm-up from 0 over this many steps, then constant."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    """Optional final stage with a linearly decaying lr on hard prompts."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training prompt files (ORZ JSON, JSONL with prompt/answer, Parquet); empty uses ``synthetic``."""
+    synthetic: Literal["arithmetic", "countdown", "mixed"] = "arithmetic"
+    """Synthetic verifiable task family used when ``train`` is empty."""
+    synthetic_size: int = 10000
+    """Number of synthetic problems generated (from ``train.seed``)."""
+    difficulty: int = 3
+    """Synthetic difficulty (digits per operand for arithmetic)."""
+    template: Literal["orz", "chat"] = "orz"
+    """Prompt format: ORZ's exact base-model template, or the tokenizer's chat template."""
+    max_prompt_tokens: int = 2048
+    """Prompts longer than this are dropped (and counted)."""
+    skip_bad_rows: bool = False
+    """Skip and count malformed rows instead of failing with the file and row index."""
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    mode: Literal["default", "orz"] = "default"
+    """``default``: normalised fast path + math-verify. ``orz``: ORZ's own checking rules."""
+    timeout: float = 1.0
+    """Seconds a single symbolic equivalence check may take before it scores 0."""
+    workers: int = 2
+    """Worker processes for batch scoring."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    """PPO steps (rollout + update) to run."""
+    seed: int = 42
+    """Seed for data order, sampling and initialisation."""
+    deterministic: bool = False
+    """Deterministic kernels (bitwise-reproducible on CPU; slower on GPU)."""
+
+
+@dataclass(kw_only=True)
+class CkptConfig:
+    every: int = 50
+    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    keep: int = 2
+    """Number of newest checkpoints kept on disk."""
+    export_hf_every: int = 0
+    """Also export the policy in Hugging Face format every this many steps (0: only at the end)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    progress: bool = True
+    """Show a progress bar."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars under the run directory."""
+    wandb_project: str | None = None
+    """Weights & Biases project to log to; ``None`` disables."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy and critic models."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor / pipeline parallel layout."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """PPO objective and update schedule."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizers and learning-rate schedule."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Rule-based reward."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length and seeding."""
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Presets
+
+
+def _orz(model_path: str, *, tp: int, pp: int = 1, steps: int) -> Config:
+    """ORZ's published recipe; the sizes differ only in model and layout."""
+    cfg = Config()
+    cfg.model.path = model_path
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    cfg.train.steps = steps
+    return cfg
+
+
+def _orz_32b() -> Config:
+    cfg = _orz("Qwen/Qwen2.5-32B", tp=8, pp=1, steps=1000)
+    cfg.optim.anneal.steps = 100
+    cfg.optim.anneal.final_policy_lr = 3e-7
+    return cfg
+
+
+_TINY_ARCH = {
+    "model_type": "qwen2",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def _small(arch: dict[str, Any], *, steps: int, prompts: int, samples: int, max_tokens: int) -> Config:
+    cfg = Config()
+    cfg.model.arch = dict(arch)
+    cfg.model.dtype = "float32"
+    cfg.model.activation_checkpointing = False
+    cfg.rollout.prompts_per_step = prompts
+    cfg.rollout.samples_per_prompt = samples
+    cfg.rollout.max_tokens = max_tokens
+    cfg.ppo.critic_updates_per_step = 2
+    cfg.ppo.micro_batch_tokens = 4096
+    cfg.optim.policy_lr, cfg.optim.critic_lr = 1e-3, 1e-3
+    cfg.optim.warmup_steps = 2
+    cfg.data.max_prompt_tokens = 256
+    cfg.data.difficulty = 1
+    cfg.train.steps = steps
+    cfg.train.deterministic = True
+    cfg.ckpt.every = 5
+    return cfg
+
+
+PRESETS = {
+    "orz-0.5b": lambda: _orz("Qwen/Qwen2.5-0.5B", tp=1, steps=1000),
+    "orz-1.5b": lambda: _orz("Qwen/Qwen2.5-1.5B", tp=1, steps=1000),
+    "orz-7b": lambda: _orz("Qwen/Qwen2.5-7B", tp=2, steps=1000),
+    "orz-32b": _orz_32b,
+    "demo": lambda: _small(
+        {**_TINY_ARCH, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4},
+        steps=60,
+        prompts=16,
+        samples=8,
+        max_tokens=16,
+    ),
+    "tiny": lambda: _small(_TINY_ARCH, steps=3, prompts=2, samples=2, max_tokens=8),
+}
+"""Preset name -> function building a fresh :class:`Config`."""
+
+
+def preset(name: str) -> Config:
+    """Build the named preset; an unknown name raises :class:`ConfigError` listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------
+# Overrides
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, arm)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: JSON when it parses (numbers, true/false, null, lists, objects), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``cfg.<dotted>`` to ``value`` after checking the key exists and the type matches."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, name in enumerate(parts):
+        where = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(node) or name not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"unknown config key {where!r}")
+        if i == len(parts) - 1:
+            tp = _field_types(node)[name]
+            if dataclasses.is_dataclass(getattr(node, name)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: expected a mapping of its fields, got {value!r}")
+                for sub, sub_value in value.items():
+                    set_value(cfg, f"{where}.{sub}", sub_value)
+                return
+            setattr(node, name, _coerce(where, value, tp))
+        else:
+            node = getattr(node, name)
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
+    """Apply a nested mapping (e.g. a parsed YAML file) key by key."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
+    for key, value in mapping.items():
+        set_value(cfg, f"{prefix}{key}", value)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges; raises :class:`ConfigError` naming the first bad key and its value."""
+    positive_ints = {
+        "parallel.tp": cfg.parallel.tp,
+        "parallel.pp": cfg.parallel.pp,
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+        "rollout.max_tokens": cfg.rollout.max_tokens,
+        "ppo.policy_updates_per_step": cfg.ppo.policy_updates_per_step,
+        "ppo.critic_updates_per_step": cfg.ppo.critic_updates_per_step,
+        "ppo.micro_batch_tokens": cfg.ppo.micro_batch_tokens,
+        "optim.anneal.steps": cfg.optim.anneal.steps,
+        "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
+        "data.difficulty": cfg.data.difficulty,
+        "reward.workers": cfg.reward.workers,
+        "train.steps": cfg.train.steps,
+        "ckpt.keep": cfg.ckpt.keep,
+    }
+    for key, v in positive_ints.items():
+        _require(v >= 1, key, v, "must be >= 1")
+    for key, v in {
+        "data.synthetic_size": cfg.data.synthetic_size,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "ckpt.every": cfg.ckpt.every,
+        "ckpt.export_hf_every": cfg.ckpt.export_hf_every,
+    }.items():
+        _require(v >= 0, key, v, "must be >= 0")
+
+    def finite(key: str, v: float) -> None:
+        _require(math.isfinite(v), key, v, "must be finite")
+
+    r = cfg.rollout
+    finite("rollout.temperature", r.temperature)
+    _require(r.temperature >= 0, "rollout.temperature", r.temperature, "must be >= 0 (0 is greedy)")
+    _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", r.top_k, "must be -1 (off) or >= 1")
+    _require(0 < r.kv_cache_fraction <= 1, "rollout.kv_cache_fraction", r.kv_cache_fraction, "must be in (0, 1]")
+    _require(all(r.stop), "rollout.stop", r.stop, "stop strings must be non-empty")
+
+    p = cfg.ppo
+    _require(0 <= p.gamma <= 1, "ppo.gamma", p.gamma, "must be in [0, 1]")
+    _require(0 <= p.lam <= 1, "ppo.lam", p.lam, "must be in [0, 1]")
+    finite("ppo.clip_eps", p.clip_eps)
+    _require(p.clip_eps > 0, "ppo.clip_eps", p.clip_eps, "must be > 0")
+    if p.clip_eps_high is not None:
+        finite("ppo.clip_eps_high", p.clip_eps_high)
+        _require(p.clip_eps_high > 0, "ppo.clip_eps_high", p.clip_eps_high, "must be > 0")
+    finite("ppo.value_clip", p.value_clip)
+    _require(p.value_clip > 0, "ppo.value_clip", p.value_clip, "must be > 0")
+    for key, v in {"ppo.kl_coef": p.kl_coef, "ppo.entropy_coef": p.entropy_coef}.items():
+        finite(key, v)
+        _require(v >= 0, key, v, "must be >= 0")
+
+    o = cfg.optim
+    for key, v in {
+        "optim.policy_lr": o.policy_lr,
+        "optim.critic_lr": o.critic_lr,
+        "optim.eps": o.eps,
+        "optim.anneal.final_policy_lr": o.anneal.final_policy_lr,
+    }.items():
+        finite(key, v)
+        _require(v > 0, key, v, "must be > 0")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "each beta must be in [0, 1)")
+    for key, v in {"optim.weight_decay": o.weight_decay, "optim.grad_clip": o.grad_clip}.items():
+        finite(key, v)
+        _require(v >= 0, key, v, "must be >= 0")
+
+    finite("reward.timeout", cfg.reward.timeout)
+    _require(cfg.reward.timeout > 0, "reward.timeout", cfg.reward.timeout, "must be > 0")
+    _require(
+        cfg.model.path is not None or bool(cfg.model.arch),
+        "model.path",
+        cfg.model.path,
+        "set a checkpoint path, or model.arch for a random-weight model",
+    )
+    return cfg
+
+
+def resolve(
+    preset_name: str,
+    *,
+    yaml_file: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Preset, then YAML file, then ``a.b=VALUE`` overrides, then validation."""
+    cfg = preset(preset_name)
+    if yaml_file is not None:
+        import yaml
+
+        try:
+            with open(yaml_file) as f:
+                mapping = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {yaml_file!r}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {yaml_file!r} is not valid YAML: {e}") from e
+        apply_mapping(cfg, mapping)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form a.b=VALUE")
+        value = parse_value(text)
+        try:
+            set_value(cfg, key.strip(), value)
+        except ConfigError:
+            if isinstance(value, str):
+                raise
+            set_value(cfg, key.strip(), text)  # e.g. a string field given "123"
+    return validate(cfg)
