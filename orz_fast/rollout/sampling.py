@@ -1,0 +1,154 @@
+"""Sampling parameters, completions and the batched token sampler of the rollout engines.
+
+Randomness is counter-based: the uniform number that picks sample ``j`` of a
+request at generated position ``t`` is a hash of ``(seed + j, t)``. So a
+sequence's tokens do not depend on which other sequences share its batch or in
+what order they finished — ``n`` samples of one request equal ``n`` requests
+with seeds ``seed, seed + 1, ...`` — and the sampler needs one random number
+per row, not a ``[B, V]`` noise tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample one request's completions."""
+
+    n: int = 1
+    """Completions per prompt; they share the prompt's KV cache."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability mass reaches ``top_p``; in (0, 1]."""
+    top_k: int = -1
+    """Keep the ``top_k`` most likely tokens; -1 keeps all."""
+    max_tokens: int = 16
+    """Maximum generated tokens; a completion cut here has ``finish_reason == "length"``."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (need a tokenizer); the matched string is kept at the end of the output."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a completion (kept as its last token)."""
+    seed: int | None = None
+    """Seed of sample 0; sample ``j`` uses ``seed + j``. ``None`` draws one from torch's global generator."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"SamplingParams.n must be an int >= 1, got {self.n!r}")
+        if not (self.temperature >= 0 and self.temperature != float("inf")):
+            raise ValueError(f"SamplingParams.temperature must be finite and >= 0, got {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or (self.top_k != -1 and self.top_k < 1):
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"SamplingParams.max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must hold ids >= 0, got {self.stop_token_ids!r}")
+
+
+@dataclass
+class Completion:
+    """One generated response."""
+
+    token_ids: list[int]
+    """Generated tokens (a stop token or the token completing a stop string is included)."""
+    logprobs: list[float]
+    """Sampling log-probs: ``log_softmax(logits / temperature)`` at each token (temperature 1 when greedy)."""
+    finish_reason: Literal["stop", "length"]
+    """``stop``: a stop token or string ended it; ``length``: ``max_tokens`` (or the context) ran out."""
+    text: str | None = None
+    """Decoded text, cut right after the stop string, when the engine has a tokenizer."""
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    z = x + _GOLDEN  # int64 arithmetic wraps, as the mix needs
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniform float64 in [0, 1) for each ``(seed, position)`` pair; int64 [B] -> float64 [B]."""
+    z = _splitmix64(_splitmix64(seeds.long()) + positions.long())
+    return _shr(z, 11).double() * (1.0 / (1 << 53))
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row.
+
+    Args:
+        logits: [B, V] next-token logits (any float dtype).
+        temperature: [B] float; 0 is greedy.
+        top_p: [B] float in (0, 1].
+        top_k: [B] int64; <= 0 keeps all.
+        seeds: [B] int64 per-sequence seeds.
+        positions: [B] int64 index of the token being generated (the RNG counter).
+    Returns:
+        tokens [B] int64 and their log-probs [B] float32 under ``log_softmax(logits / temperature)``
+        (temperature 1 for greedy rows), before top-p / top-k truncation.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    B, V = logits.shape
+    for name, t in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seeds", seeds)):
+        if t.shape != (B,):
+            raise ValueError(f"{name} must be [{B}], got shape {tuple(t.shape)}")
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
+    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)  # [B, V]
+
+    u = counter_uniform(seeds, positions).to(logp.device)
+    truncate = (top_p < 1) | ((top_k > 0) & (top_k < V))
+    # Inverse-CDF sampling; the row's total mass rescales u, so truncated rows need no renormalisation.
+    if bool(truncate.any()):  # host sync: one bool per step decides whether the sort is needed at all
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_logp.exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        rank = torch.arange(V, device=logp.device)
+        k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+        keep = (mass_before < top_p[:, None].float()) & (rank[None, :] < k[:, None])
+        probs = probs * keep
+        cdf = probs.double().cumsum(dim=-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1)
+        pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)
+        sampled = order.gather(1, pick).squeeze(1)
+    else:
+        cdf = logp.exp().double().cumsum(dim=-1)
+        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1).squeeze(1)
+    tokens = torch.where(greedy.to(logp.device), logp.argmax(dim=-1), sampled)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def find_stop(text: str, stops: list[str], start: int = 0) -> int:
+    """End index (exclusive) of the earliest stop string in ``text[start:]``, or -1 when none occurs."""
+    best_begin, best_end = -1, -1
+    for s in stops:
+        i = text.find(s, start)
+        if i != -1 and (best_begin == -1 or i < best_begin):
+            best_begin, best_end = i, i + len(s)
+    return best_end
