@@ -4,7 +4,7 @@ import shutil
 import sysconfig
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.errors import CompileError
 
 
@@ -31,7 +31,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=["orz_fast", "orz_fast.kernels"],
+    packages=[*find_packages(include=["orz_fast", "orz_fast.*"]), "orz_fast.kernels"],
     package_dir={"orz_fast": "orz_fast", "orz_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtRequired},

@@ -24,6 +24,7 @@ def test_wheel_contains_extension_and_kernels(tmp_path):
         zf.extractall(site)
     assert any(n.startswith("orz_fast/_C") and n.endswith(".so") for n in names), names
     assert "orz_fast/kernels/__init__.py" in names
+    assert "orz_fast/rollout/sampling.py" in names and "orz_fast/ppo/checkpointing.py" in names
     probe = (
         "import orz_fast._C as C, orz_fast.kernels as K, orz_fast.packing as P; "
         "print(C.__file__); print(K.__file__); print(P.pack_by_token_budget([3, 2, 2], 4))"

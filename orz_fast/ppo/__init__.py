@@ -1,0 +1,1 @@
+"""PPO: run checkpoints, experience making, advantages and the actor / critic update steps."""
