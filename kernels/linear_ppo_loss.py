@@ -1,0 +1,142 @@
+"""PPO policy loss straight from hidden states: no [T, V] tensor and no separate loss pass.
+
+The per-token PPO gradient ``dloss/dlogp_t`` depends only on the token's own log-prob,
+advantage, old log-prob and mask, all known once that token's logits are reduced. So in the
+forward, per chunk of tokens: one GEMM makes the chunk's logits, the log-prob row kernel
+reduces them (combined across the TP group), the PPO terms give ``g_t``, the gradient row
+kernel turns the logits in place into ``dz``, and two GEMMs give ``dhidden`` for the chunk
+and add the chunk's part of ``dweight`` (fp32). That is the three GEMMs the math needs and no
+recomputation; backward only scales the stored gradients by ``grad_out``. Normalising by the
+number of masked tokens uses ``mask.sum()`` computed up front as a tensor (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from orz_fast.kernels.linear_logprobs import (
+    accumulate_linear_grads,
+    chunk_tokens_for,
+    combine_vocab_stats,
+    row_grads_,
+    row_stats,
+    vocab_start_of,
+)
+from orz_fast.kernels.ppo_policy_loss import STAT_NAMES, policy_loss_terms
+
+
+class LinearPPOLossFunction(torch.autograd.Function):
+    """Forward computes the loss and, when needed, dhidden and dweight; backward scales them."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        old_logprobs,
+        advantages,
+        mask,
+        temperature,
+        clip_low,
+        clip_high,
+        tp_group,
+        use_triton,
+        chunk_tokens,
+    ):
+        T, H = hidden.shape
+        V = weight.shape[0]
+        targets = targets.contiguous()
+        inv_temp = 1.0 / temperature
+        vocab_start = vocab_start_of(weight, tp_group)
+        Tc = chunk_tokens or chunk_tokens_for(T, V, hidden.dtype)
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        tp = tp_group is not None and dist.get_world_size(tp_group) > 1
+        mask_f = mask.to(torch.float32)
+        count = mask_f.sum()
+        inv_count = 1.0 / count.clamp(min=1.0)
+        dhidden = (
+            torch.empty(T, H, dtype=torch.float32 if tp else hidden.dtype, device=hidden.device) if need_dh else None
+        )
+        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        # sums of: loss, clipped, approx KL, ratio; then ratio min and max
+        sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+        ratio_min = torch.full((), torch.inf, dtype=torch.float32, device=hidden.device)
+        ratio_max = torch.full((), -torch.inf, dtype=torch.float32, device=hidden.device)
+        for t0 in range(0, T, Tc):
+            sl = slice(t0, t0 + Tc)
+            logits = hidden[sl] @ weight.T
+            lse, mu, logp = combine_vocab_stats(
+                row_stats(logits, targets[sl], vocab_start, inv_temp, False, use_triton), tp_group
+            )
+            loss_t, grad_t, is_clipped, kl_t, ratio = policy_loss_terms(
+                logp, old_logprobs[sl].float(), advantages[sl].float(), clip_low, clip_high
+            )
+            m = mask_f[sl]
+            on = m != 0
+            sums += torch.stack([(loss_t * m).sum(), (is_clipped * m).sum(), (kl_t * m).sum(), (ratio * m).sum()])
+            ratio_min = torch.minimum(ratio_min, torch.where(on, ratio, torch.inf).amin())
+            ratio_max = torch.maximum(ratio_max, torch.where(on, ratio, -torch.inf).amax())
+            if need_dh or need_dw:
+                dz = row_grads_(
+                    logits, targets[sl], vocab_start, inv_temp, lse, mu, grad_t * m * inv_count, None, use_triton
+                )
+                accumulate_linear_grads(dz, hidden[sl], weight, dhidden[sl] if need_dh else None, dweight)
+        if need_dh and tp:
+            dist.all_reduce(dhidden, group=tp_group)
+        ctx.save_for_backward(dhidden if need_dh else None, dweight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        has = count > 0
+        zero = torch.zeros_like(count)
+        stats = (
+            sums[1] * inv_count,
+            sums[2] * inv_count,
+            sums[3] * inv_count,
+            torch.where(has, ratio_min, zero),
+            torch.where(has, ratio_max, zero),
+            count,
+        )
+        ctx.mark_non_differentiable(*stats)
+        return sums[0] * inv_count, *stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grad_stats):
+        dhidden, dweight = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        dh = (dhidden.float() * grad_loss).to(h_dtype) if dhidden is not None else None
+        dw = (dweight * grad_loss).to(w_dtype) if dweight is not None else None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None
+
+
+def linear_ppo_loss_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    tp_group: dist.ProcessGroup | None = None,
+    use_triton: bool = True,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped loss (0-dim fp32) and stats from ``hidden [T, H]``, ``weight [V, H]``, ``targets [T]``."""
+    loss, *stats = LinearPPOLossFunction.apply(
+        hidden,
+        weight,
+        targets,
+        old_logprobs,
+        advantages,
+        mask,
+        float(temperature),
+        float(clip_low),
+        float(clip_high),
+        tp_group,
+        use_triton,
+        chunk_tokens,
+    )
+    return loss, dict(zip(STAT_NAMES, stats, strict=True))

@@ -1,0 +1,285 @@
+"""Public functional API of orz_fast: advantages, PPO losses and fused log-probs.
+
+Every op takes the packed 1-D token layout (flash-attn ``cu_seqlens`` style: all responses of
+the batch concatenated, T tokens in all) and a ``backend``:
+
+- ``None``: the Triton kernel for CUDA tensors, the vectorised torch path for CPU tensors;
+- ``"triton"``: the kernel always (on CPU it runs in Triton's interpreter, which
+  ``orz_fast.kernels`` switches on when there is no CUDA device);
+- ``"torch"``: the torch path always.
+
+No op syncs the GPU: losses and statistics come back as 0-dim tensors. Other frameworks can
+import these functions as a drop-in backend for their advantage, loss and log-prob code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from orz_fast.kernels.gae import gae_fwd, gae_torch
+from orz_fast.kernels.linear_logprobs import linear_logprobs_chunked
+from orz_fast.kernels.linear_ppo_loss import linear_ppo_loss_chunked
+from orz_fast.kernels.ppo_policy_loss import ppo_policy_loss_ref, ppo_policy_loss_triton
+from orz_fast.kernels.ppo_value_loss import ppo_value_loss_ref, ppo_value_loss_triton
+
+Backend = Literal["triton", "torch"] | None
+
+__all__ = ["gae", "ppo_policy_loss", "ppo_value_loss", "linear_logprobs", "linear_ppo_loss"]
+
+
+def _use_triton(backend: Backend, tensor: torch.Tensor) -> bool:
+    if backend is None:
+        return tensor.is_cuda
+    if backend == "triton":
+        return True
+    if backend == "torch":
+        return False
+    raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+
+
+def _check_tokens(name: str, tensors: dict[str, torch.Tensor], *, floating: tuple[str, ...]) -> int:
+    """All tensors 1-D of one length T on one device; the ``floating`` ones float. Returns T."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1:
+        raise ValueError(f"{name}: expected 1-D tensors of one length T, got shapes {shapes}")
+    devices = {k: str(v.device) for k, v in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"{name}: expected tensors on one device, got {devices}")
+    for k in floating:
+        if not tensors[k].is_floating_point():
+            raise ValueError(f"{name}: {k} must be a float tensor, got {tensors[k].dtype} with shape {shapes[k]}")
+    return next(iter(shapes.values()))[0]
+
+
+def _float_out(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype results come back in: the inputs' promoted dtype, at least float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    *,
+    backend: Backend = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over packed responses.
+
+    Args:
+        rewards: [T] float, per-token reward (ORZ: the 0/1 score on each response's last token).
+        values: [T] float, critic values; the value after a segment's last token is taken as 0.
+        cu_seqlens: [N+1] integer, segment offsets, 0 first and T last (empty segments allowed).
+        gamma, lam: discount and GAE lambda, any values (ORZ uses 1 and 1).
+
+    Returns:
+        (advantages [T], returns [T]) with ``returns = advantages + values``, in the inputs'
+        promoted dtype but at least float32, accumulated in fp32 (the ``gamma * lam == 1``
+        torch path sums in fp64). They are PPO targets, so they carry no gradient.
+    """
+    T = _check_tokens("gae", {"rewards": rewards, "values": values}, floating=("rewards", "values"))
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise ValueError(
+            f"gae: cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} "
+            f"with shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != rewards.device:
+        raise ValueError(f"gae: cu_seqlens is on {cu_seqlens.device} but rewards on {rewards.device}")
+    if cu_seqlens.device.type == "cpu":
+        # CPU only: on a GPU this check would sync the device, so there the offsets are trusted
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError(
+                f"gae: cu_seqlens must rise from 0 to T={T} (rewards shape {tuple(rewards.shape)}), "
+                f"got first={int(cu_seqlens[0])} last={int(cu_seqlens[-1])}"
+            )
+    out_dtype = _float_out(rewards, values)
+    if _use_triton(backend, rewards):
+        return gae_fwd(rewards, values, cu_seqlens, gamma, lam, out_dtype)
+    return gae_torch(rewards, values, cu_seqlens, gamma, lam, out_dtype)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    backend: Backend = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss, masked token mean, with statistics in the same pass.
+
+    ``loss = sum(mask * max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high))) / max(sum(mask), 1)``
+    with ``r = exp(logprobs - old_logprobs)`` and ``eps_high = clip_eps`` unless given.
+
+    Args:
+        logprobs: [T] float, current policy log-probs (differentiable).
+        old_logprobs, advantages: [T] float.
+        mask: [T] bool or float, 1 for tokens that count.
+
+    Returns:
+        (loss 0-dim float32 or wider, stats) where stats holds 0-dim tensors ``clipfrac``,
+        ``approx_kl`` (masked mean of ``(r - 1) - log r``), ``ratio_mean``, ``ratio_min``,
+        ``ratio_max`` (0 when no token counts) and ``num_tokens``.
+    """
+    _check_tokens(
+        "ppo_policy_loss",
+        {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask},
+        floating=("logprobs", "old_logprobs", "advantages"),
+    )
+    clip_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if _use_triton(backend, logprobs):
+        return ppo_policy_loss_triton(logprobs, old_logprobs, advantages, mask, clip_eps, clip_high)
+    dtype = _float_out(logprobs, old_logprobs, advantages)
+    return ppo_policy_loss_ref(
+        logprobs.to(dtype), old_logprobs.to(dtype), advantages.to(dtype), mask, clip_eps, clip_high
+    )
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float = 0.2,
+    backend: Backend = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ``0.5 * masked mean of max((V - R)^2, (old + clamp(V - old, -c, c) - R)^2)``.
+
+    Args:
+        values: [T] float, current critic values (differentiable).
+        old_values, returns: [T] float.
+        mask: [T] bool or float.
+
+    Returns:
+        (loss 0-dim, stats) where stats holds 0-dim tensors ``clipfrac``, ``explained_variance``
+        (``1 - Var(R - V) / Var(R)`` over masked tokens) and its inputs ``returns_sum``,
+        ``returns_sq_sum``, ``error_sum``, ``error_sq_sum`` (error = R - V), ``num_tokens``.
+    """
+    _check_tokens(
+        "ppo_value_loss",
+        {"values": values, "old_values": old_values, "returns": returns, "mask": mask},
+        floating=("values", "old_values", "returns"),
+    )
+    if _use_triton(backend, values):
+        return ppo_value_loss_triton(values, old_values, returns, mask, clip)
+    dtype = _float_out(values, old_values, returns)
+    return ppo_value_loss_ref(values.to(dtype), old_values.to(dtype), returns.to(dtype), mask, clip)
+
+
+def _check_linear(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            f"{name}: expected hidden [T, H], weight [V, H], targets [T], got hidden "
+            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"{name}: shapes disagree: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"targets {tuple(targets.shape)}"
+        )
+    if hidden.dtype != weight.dtype or not hidden.is_floating_point():
+        raise ValueError(
+            f"{name}: hidden and weight must share one float dtype, got {hidden.dtype} "
+            f"{tuple(hidden.shape)} and {weight.dtype} {tuple(weight.shape)}"
+        )
+    if targets.is_floating_point():
+        raise ValueError(f"{name}: targets must be integer ids, got {targets.dtype} {tuple(targets.shape)}")
+    if len({hidden.device, weight.device, targets.device}) != 1:
+        raise ValueError(
+            f"{name}: hidden, weight and targets must be on one device, got {hidden.device}, "
+            f"{weight.device}, {targets.device}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tp_group: dist.ProcessGroup | None = None,
+    return_entropy: bool = False,
+    backend: Backend = None,
+):
+    """Log-softmax of ``hidden @ weight.T / temperature`` at ``targets``, never holding [T, V] logits.
+
+    Args:
+        hidden: [T, H] float (bf16, fp16 or fp32), differentiable.
+        weight: [V, H] same dtype, differentiable; with ``tp_group`` this rank's vocab shard
+            (equal shards in rank order, rank r holding ids [r * V, (r + 1) * V)).
+        targets: [T] integer global vocab ids.
+        tp_group: vocab-parallel group; statistics are combined with [T]-sized all-reduces and
+            the gradient of ``hidden`` is all-reduced over it (do not all-reduce it again).
+        return_entropy: also return the entropy of the (tempered) distribution.
+
+    Returns:
+        logprobs [T] float32, or (logprobs [T], entropy [T]) float32 with ``return_entropy``.
+    """
+    _check_linear("linear_logprobs", hidden, weight, targets, temperature)
+    return linear_logprobs_chunked(
+        hidden,
+        weight,
+        targets,
+        temperature=temperature,
+        tp_group=tp_group,
+        return_entropy=return_entropy,
+        use_triton=_use_triton(backend, hidden),
+    )
+
+
+def linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    backend: Backend = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``ppo_policy_loss(linear_logprobs(hidden, weight, targets), ...)`` fused, gradients made in the forward.
+
+    Args:
+        hidden: [T, H], weight: [V, H] (or this rank's vocab shard), targets: [T] as in
+            ``linear_logprobs``; old_logprobs, advantages: [T] float; mask: [T] bool or float.
+
+    Returns:
+        (loss 0-dim float32, stats) with the same stats as ``ppo_policy_loss``. Its backward
+        needs no recomputation: dhidden and dweight are made in the forward (three GEMMs).
+    """
+    _check_linear("linear_ppo_loss", hidden, weight, targets, temperature)
+    _check_tokens(
+        "linear_ppo_loss",
+        {"targets": targets, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask},
+        floating=("old_logprobs", "advantages"),
+    )
+    return linear_ppo_loss_chunked(
+        hidden,
+        weight,
+        targets,
+        old_logprobs,
+        advantages,
+        mask,
+        temperature=temperature,
+        clip_low=clip_eps,
+        clip_high=clip_eps if clip_eps_high is None else clip_eps_high,
+        tp_group=tp_group,
+        use_triton=_use_triton(backend, hidden),
+    )
