@@ -1,0 +1,38 @@
+"""Process groups (megatron-core ``parallel_state``) and the pipeline-parallel training step."""
+
+from orz_fast.parallel.pipeline import finalize_model_grads, forward_backward
+from orz_fast.parallel.state import (
+    destroy,
+    dp_group,
+    dp_rank,
+    dp_size,
+    initialize,
+    is_first_stage,
+    is_initialized,
+    is_last_stage,
+    pp_group,
+    pp_rank,
+    pp_size,
+    tp_group,
+    tp_rank,
+    tp_size,
+)
+
+__all__ = [
+    "destroy",
+    "dp_group",
+    "dp_rank",
+    "dp_size",
+    "finalize_model_grads",
+    "forward_backward",
+    "initialize",
+    "is_first_stage",
+    "is_initialized",
+    "is_last_stage",
+    "pp_group",
+    "pp_rank",
+    "pp_size",
+    "tp_group",
+    "tp_rank",
+    "tp_size",
+]
