@@ -96,6 +96,9 @@ class PPOConfig:
     """Critic optimizer steps (shuffled mini-batches) per rollout."""
     micro_batch_tokens: int = 16384
     """Token budget of one packed micro-batch (gradient accumulation unit)."""
+    fused_loss: bool = False
+    """Policy loss through ``orz_fast.ops.linear_ppo_loss`` (no separate log-prob pass, no entropy metric)
+    instead of ``linear_logprobs`` + ``ppo_policy_loss``."""
 
 
 @dataclass(kw_only=True)
@@ -134,14 +137,15 @@ class OptimConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)
     """Training prompt files (ORZ JSON, JSONL with prompt/answer, Parquet); empty uses ``synthetic``."""
-    synthetic: Literal["arithmetic", "countdown", "mixed"] = "arithmetic"
+    synthetic: Literal["arithmetic", "addition", "countdown", "mixed"] = "arithmetic"
     """Synthetic verifiable task family used when ``train`` is empty."""
     synthetic_size: int = 10000
     """Number of synthetic problems generated (from ``train.seed``)."""
     difficulty: int = 3
     """Synthetic difficulty (digits per operand for arithmetic)."""
-    template: Literal["orz", "chat"] = "orz"
-    """Prompt format: ORZ's exact base-model template, or the tokenizer's chat template."""
+    template: Literal["orz", "chat", "plain"] = "orz"
+    """Prompt format: ORZ's exact base-model template, the tokenizer's chat template, or ``plain``
+    (problem + ``Assistant:``, for small random-weight models)."""
     max_prompt_tokens: int = 2048
     """Prompts longer than this are dropped (and counted)."""
     skip_bad_rows: bool = False
@@ -166,6 +170,9 @@ class TrainConfig:
     """Seed for data order, sampling and initialisation."""
     deterministic: bool = False
     """Deterministic kernels (bitwise-reproducible on CPU; slower on GPU)."""
+    format_warmup_steps: int = 0
+    """Random-weight models only: supervised steps teaching the ``<answer>X</answer>`` format on answers
+    of *other* problems (so RL starts at chance accuracy) before the first PPO step."""
 
 
 @dataclass(kw_only=True)
@@ -237,7 +244,7 @@ def _orz_32b() -> Config:
 
 _TINY_ARCH = {
     "model_type": "qwen2",
-    "vocab_size": 512,
+    "vocab_size": 128,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -261,7 +268,9 @@ def _small(arch: dict[str, Any], *, steps: int, prompts: int, samples: int, max_
     cfg.ppo.micro_batch_tokens = 4096
     cfg.optim.policy_lr, cfg.optim.critic_lr = 1e-3, 1e-3
     cfg.optim.warmup_steps = 2
-    cfg.data.max_prompt_tokens = 256
+    cfg.data.template = "plain"
+    cfg.data.synthetic = "addition"
+    cfg.data.max_prompt_tokens = 64
     cfg.data.difficulty = 1
     cfg.train.steps = steps
     cfg.train.deterministic = True
@@ -424,6 +433,7 @@ def validate(cfg: Config) -> Config:
         _require(v >= 1, key, v, "must be >= 1")
     for key, v in {
         "data.synthetic_size": cfg.data.synthetic_size,
+        "train.format_warmup_steps": cfg.train.format_warmup_steps,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "ckpt.every": cfg.ckpt.every,
         "ckpt.export_hf_every": cfg.ckpt.export_hf_every,

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m orz_fast.train --preset NAME [--set a.b=VALUE ...] [--config F.yaml] [--out DIR]``."""
+"""Entry point: ``[torchrun ...] python -m orz_fast.train --preset NAME [--set a.b=V ...] [--out DIR] [--resume]``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="a.b=VALUE", help="override one config key"
     )
-    parser.add_argument("--out", default="runs/default", help="run directory (metrics, checkpoints)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--out", default="runs/default", help="run directory (metrics, checkpoints, exports)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
 
@@ -32,12 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    print(
-        "orz_fast.train: training is not available yet (the PPO trainer has not landed); "
-        "only --print-config works in this version.",
-        file=sys.stderr,
-    )
-    return 2
+    from orz_fast.ppo.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg, args.out, resume=args.resume)
+    except ValueError as e:
+        print(f"orz_fast.train: {e}", file=sys.stderr)
+        return 2
+    trainer.run()
+    return 0
 
 
 if __name__ == "__main__":

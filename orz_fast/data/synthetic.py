@@ -3,7 +3,8 @@
 - ``arithmetic``: ``a op b`` with ``difficulty`` digits per operand (op in + - *); the answer is the integer.
 - ``countdown``: reach a target from given numbers with + - * / (each number once); the ground truth is
   a ``countdown:`` string checked by :mod:`orz_fast.reward.countdown` (any correct expression scores).
-- ``mixed``: the two families alternating.
+- ``addition``: ``a + b`` with ``difficulty`` digits per operand (the CPU demo's task).
+- ``mixed``: arithmetic and countdown alternating.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Literal
 from orz_fast.data.loaders import Problem
 from orz_fast.reward import countdown
 
-Family = Literal["arithmetic", "countdown", "mixed"]
-FAMILIES = ("arithmetic", "countdown", "mixed")
+Family = Literal["arithmetic", "addition", "countdown", "mixed"]
+FAMILIES = ("arithmetic", "addition", "countdown", "mixed")
 _OPS = ("+", "-", "*")
 
 
@@ -29,6 +30,12 @@ def arithmetic_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
     op = rng.choice(_OPS)
     value = a + b if op == "+" else a - b if op == "-" else a * b
     return f"Compute {a} {op} {b}.", str(value)
+
+
+def addition_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    """One ``a + b`` question and its answer; ``difficulty`` digits per operand."""
+    a, b = _operand(rng, difficulty), _operand(rng, difficulty)
+    return f"{a}+{b}=", str(a + b)
 
 
 def _countdown_numbers(difficulty: int) -> tuple[int, int]:
@@ -75,7 +82,7 @@ def synthetic_problems(family: Family, n: int, *, difficulty: int = 3, seed: int
     problems = []
     for i in range(n):
         kind = family if family != "mixed" else ("arithmetic", "countdown")[i % 2]
-        make = arithmetic_problem if kind == "arithmetic" else countdown_problem
+        make = {"arithmetic": arithmetic_problem, "addition": addition_problem, "countdown": countdown_problem}[kind]
         question, answer = make(rng, difficulty)[:2]
         problems.append(Problem(prompt=question, answer=answer, source=f"synthetic:{kind}", index=i))
     return problems

@@ -21,7 +21,11 @@ CHAT_INSTRUCTION = (
 )
 """The user turn in chat mode: ORZ's instruction and the problem (the chat template adds the roles)."""
 
-Template = Literal["orz", "chat"]
+PLAIN_TEMPLATE = "{prompt}\nAssistant: "
+"""The problem and an ``Assistant:`` turn only: for small random-weight models (the CPU demo), which have no
+use for ORZ's instructions; the answer format is then learned, not read."""
+
+Template = Literal["orz", "chat", "plain"]
 
 
 def render_orz(problem: str, *, bos_token: str | None = None) -> str:
@@ -41,10 +45,12 @@ def render_chat(problem: str, tokenizer: Any) -> str:
 
 
 def render_prompt(problem: str, template: Template, tokenizer: Any = None) -> str:
-    """Render ``problem`` with ``template`` (``"orz"`` or ``"chat"``); the result is tokenized without adding
-    special tokens again."""
+    """Render ``problem`` with ``template`` (``"orz"``, ``"chat"`` or ``"plain"``); the result is tokenized
+    without adding special tokens again."""
     if template == "orz":
         return render_orz(problem, bos_token=getattr(tokenizer, "bos_token", None))
     if template == "chat":
         return render_chat(problem, tokenizer)
-    raise ValueError(f"data.template must be 'orz' or 'chat', got {template!r}")
+    if template == "plain":
+        return PLAIN_TEMPLATE.format(prompt=problem)
+    raise ValueError(f"data.template must be 'orz', 'chat' or 'plain', got {template!r}")

@@ -51,6 +51,8 @@ class ShardedAdamW:
         dp_group: data-parallel group (None: no data parallelism).
         mp_group: model-parallel group (tensor x pipeline) for the global norm (None: none).
         tp_rank: this rank's tensor-parallel rank (replicated parameters count on rank 0 only).
+        average_grads: average gradients over ``dp_group`` in :meth:`step`; False when the caller
+            already did (``orz_fast.parallel.finalize_model_grads``).
     """
 
     def __init__(
@@ -65,12 +67,14 @@ class ShardedAdamW:
         dp_group: dist.ProcessGroup | None = None,
         mp_group: dist.ProcessGroup | None = None,
         tp_rank: int = 0,
+        average_grads: bool = True,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("ShardedAdamW got no trainable parameters")
         self.lr, self.betas, self.eps, self.weight_decay, self.grad_clip = lr, betas, eps, weight_decay, grad_clip
         self.dp_group, self.mp_group, self.tp_rank = dp_group, mp_group, tp_rank
+        self.average_grads = average_grads
         self.dp_world, self.dp_rank = _world(dp_group), _rank(dp_group)
         self.owners = assign_owners([p.numel() for p in self.params], self.dp_world)
         self.steps = 0
@@ -122,7 +126,8 @@ class ShardedAdamW:
         """One optimizer step at ``lr`` (default: the constructor's); returns grad norm and whether it was skipped."""
         lr = self.lr if lr is None else lr
         grads = self._grads()
-        self._average_over_dp(grads)
+        if self.average_grads:
+            self._average_over_dp(grads)
         norm = self.grad_norm(grads)
         norm_value = float(norm)  # host sync: the skip decision and the log need the norm once per step
         if not math.isfinite(norm_value):
@@ -156,6 +161,23 @@ class ShardedAdamW:
                 dist.broadcast(p.data, src=src, group=self.dp_group)
         self.zero_grad()
         return {"grad_norm": norm_value, "skipped": False}
+
+    def offload(self) -> None:
+        """Move the moments and masters to (pinned) CPU memory, e.g. while the rollout needs the GPU."""
+        self._move(torch.device("cpu"))
+
+    def onload(self) -> None:
+        """Bring the moments and masters back next to their parameters."""
+        self._move(None)
+
+    def _move(self, device: torch.device | None) -> None:
+        for i, st in self.state.items():
+            target = device if device is not None else self.params[i].device
+            if target.type == "cpu" and self.params[i].device.type == "cpu":
+                continue
+            for k, v in st.items():
+                moved = v.to(target, non_blocking=True)
+                st[k] = moved.pin_memory() if target.type == "cpu" else moved
 
     def state_dict(self) -> dict:
         """This rank's shard: step count and the owned parameters' moments (and fp32 masters)."""

@@ -1,0 +1,38 @@
+"""The pieces the CPU demo and the tiny preset use: character tokenizer, addition family, plain template."""
+
+import pytest
+
+from orz_fast.data import render_prompt, synthetic_problems
+from orz_fast.data.char_tokenizer import CharTokenizer
+from orz_fast.reward import score
+
+
+def test_char_tokenizer_round_trip_and_tags():
+    tok = CharTokenizer()
+    text = "3+4=\nAssistant: <think> x </think> <answer>\\boxed{7}</answer>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode("<answer>") == [tok.vocab.index("<answer>")]
+    assert len(tok.encode("<answe")) == 6  # an incomplete tag is plain characters
+    assert tok.encode("é") == [tok.unk_token_id]
+    assert tok.decode([tok.eos_token_id, *tok.encode("ok")], skip_special_tokens=True) == "ok"
+    assert tok.decode([*tok.encode("a"), len(tok) + 5]) == "a"  # padded-vocab ids decode to nothing
+    with pytest.raises(ValueError, match="token id -1 is negative"):
+        tok.decode([-1])
+    assert len(tok) == tok.vocab_size < 128
+
+
+def test_addition_family_is_seeded_and_correct():
+    problems = synthetic_problems("addition", 50, difficulty=2, seed=3)
+    assert problems == synthetic_problems("addition", 50, difficulty=2, seed=3)
+    for p in problems:
+        a, b = p.prompt.removesuffix("=").split("+")
+        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+        assert int(p.answer) == int(a) + int(b)
+        assert score(f"<answer>{p.answer}</answer>", p.answer) == 1.0
+
+
+def test_plain_template():
+    assert render_prompt("3+4=", "plain") == "3+4=\nAssistant: "
+    with pytest.raises(ValueError, match="'orz', 'chat' or 'plain'"):
+        render_prompt("x", "fancy")
