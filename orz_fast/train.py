@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from orz_fast.config import PRESETS, ConfigError, resolve
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    # megatron-core warns on import and on every layer call about optional fused kernels it does not need here.
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed", "Warning: tp_group"):
+        warnings.filterwarnings("ignore", message=message)
     from orz_fast.ppo.trainer import Trainer
 
     try:

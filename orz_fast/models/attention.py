@@ -20,6 +20,11 @@ except ImportError:
     flash_attn_varlen_func = None
 
 
+PADDED_BATCH_MAX_WASTE = 2
+"""Segments run as one padded batch when that computes at most this many times the attention scores
+that per-segment calls would (``N * L_max^2 <= waste * sum(L_i^2)``); otherwise one call per segment."""
+
+
 @dataclass(frozen=True)
 class PackedSegments:
     """Segment boundaries of one packed micro-batch, prepared once per forward and shared by all layers."""
@@ -62,8 +67,22 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         # Expanded K/V keep SDPA on its fused kernels (enable_gqa=True falls back to the math kernel on CPU).
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    # split (not per-segment slicing): its backward is one concatenation instead of a zero-filled [T, H, D] per segment
     lengths = [end - start for start, end in zip(segs.bounds[:-1], segs.bounds[1:], strict=True)]
+    n, longest = len(lengths), segs.max_seqlen
+    if n > 1 and n * longest * longest <= PADDED_BATCH_MAX_WASTE * sum(x * x for x in lengths):
+        # Many segments of similar length (RL responses): pad them into one [N, L] batch and run one causal
+        # SDPA call. Padding sits after each segment's last token, so causality alone keeps real queries
+        # off padded keys; padded query rows are dropped.
+        seg = torch.repeat_interleave(torch.arange(n, device=q.device), torch.tensor(lengths, device=q.device))
+        pos = segment_positions(segs.cu_seqlens, q.shape[0])
+        padded = []
+        for x in (q, k, v):
+            buf = x.new_zeros(n, longest, *x.shape[1:])
+            buf[seg, pos] = x
+            padded.append(buf.transpose(1, 2))  # [N, H, L, D]
+        out = F.scaled_dot_product_attention(*padded, is_causal=True)
+        return out.transpose(1, 2)[seg, pos]
+    # split (not per-segment slicing): its backward is one concatenation instead of a zero-filled [T, H, D] per segment
     outs = []
     for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
         if qs.shape[0] == 0:
