@@ -32,6 +32,14 @@ def test_addition_family_is_seeded_and_correct():
         assert score(f"<answer>{p.answer}</answer>", p.answer) == 1.0
 
 
+def test_maximum_family():
+    problems = synthetic_problems("maximum", 200, difficulty=2, seed=0)
+    for p in problems:
+        digits = [int(d) for d in p.prompt.removeprefix("max(").removesuffix(")=").split(",")]
+        assert len(digits) == 3 and p.answer == str(max(digits))
+    assert len({p.prompt for p in problems}) > 100
+
+
 def test_plain_template():
     assert render_prompt("3+4=", "plain") == "3+4=\nAssistant: "
     with pytest.raises(ValueError, match="'orz', 'chat' or 'plain'"):

@@ -3,7 +3,8 @@
 - ``arithmetic``: ``a op b`` with ``difficulty`` digits per operand (op in + - *); the answer is the integer.
 - ``countdown``: reach a target from given numbers with + - * / (each number once); the ground truth is
   a ``countdown:`` string checked by :mod:`orz_fast.reward.countdown` (any correct expression scores).
-- ``addition``: ``a + b`` with ``difficulty`` digits per operand (the CPU demo's task).
+- ``addition``: ``a + b`` with ``difficulty`` digits per operand.
+- ``maximum``: the largest of ``difficulty + 1`` digits (the CPU demo's task: learnable by attending to the prompt).
 - ``mixed``: arithmetic and countdown alternating.
 """
 
@@ -15,8 +16,8 @@ from typing import Literal
 from orz_fast.data.loaders import Problem
 from orz_fast.reward import countdown
 
-Family = Literal["arithmetic", "addition", "countdown", "mixed"]
-FAMILIES = ("arithmetic", "addition", "countdown", "mixed")
+Family = Literal["arithmetic", "addition", "maximum", "countdown", "mixed"]
+FAMILIES = ("arithmetic", "addition", "maximum", "countdown", "mixed")
 _OPS = ("+", "-", "*")
 
 
@@ -36,6 +37,12 @@ def addition_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
     """One ``a + b`` question and its answer; ``difficulty`` digits per operand."""
     a, b = _operand(rng, difficulty), _operand(rng, difficulty)
     return f"{a}+{b}=", str(a + b)
+
+
+def maximum_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    """``max(d1,...,dk)=`` over ``difficulty + 1`` random digits, and the largest."""
+    digits = [rng.randint(0, 9) for _ in range(difficulty + 1)]
+    return f"max({','.join(map(str, digits))})=", str(max(digits))
 
 
 def _countdown_numbers(difficulty: int) -> tuple[int, int]:
@@ -82,7 +89,12 @@ def synthetic_problems(family: Family, n: int, *, difficulty: int = 3, seed: int
     problems = []
     for i in range(n):
         kind = family if family != "mixed" else ("arithmetic", "countdown")[i % 2]
-        make = {"arithmetic": arithmetic_problem, "addition": addition_problem, "countdown": countdown_problem}[kind]
+        make = {
+            "arithmetic": arithmetic_problem,
+            "addition": addition_problem,
+            "maximum": maximum_problem,
+            "countdown": countdown_problem,
+        }[kind]
         question, answer = make(rng, difficulty)[:2]
         problems.append(Problem(prompt=question, answer=answer, source=f"synthetic:{kind}", index=i))
     return problems
