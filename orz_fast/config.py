@@ -173,6 +173,8 @@ class TrainConfig:
     format_warmup_steps: int = 0
     """Random-weight models only: supervised steps teaching the ``<answer>X</answer>`` format on answers
     of *other* problems (so RL starts at chance accuracy) before the first PPO step."""
+    format_warmup_lr: float = 1e-3
+    """AdamW learning rate of the format warm-up."""
 
 
 @dataclass(kw_only=True)
@@ -471,6 +473,7 @@ def validate(cfg: Config) -> Config:
         "optim.critic_lr": o.critic_lr,
         "optim.eps": o.eps,
         "optim.anneal.final_policy_lr": o.anneal.final_policy_lr,
+        "train.format_warmup_lr": cfg.train.format_warmup_lr,
     }.items():
         finite(key, v)
         _require(v > 0, key, v, "must be > 0")

@@ -193,7 +193,7 @@ class Trainer:
                 self.tokenizer,
                 self.prompts,
                 steps=cfg.train.format_warmup_steps,
-                lr=cfg.optim.policy_lr,
+                lr=cfg.train.format_warmup_lr,
                 batch_size=cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                 micro_batch_tokens=cfg.ppo.micro_batch_tokens,
                 seed=cfg.train.seed,
