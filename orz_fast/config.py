@@ -280,18 +280,27 @@ def _small(arch: dict[str, Any], *, steps: int, prompts: int, samples: int, max_
     return cfg
 
 
+def _demo() -> Config:
+    """A random 4-layer model on single-digit addition: format warm-up, then PPO (see README, "Missing")."""
+    cfg = _small(
+        {**_TINY_ARCH, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4},
+        steps=150,
+        prompts=32,
+        samples=8,
+        max_tokens=8,
+    )
+    cfg.rollout.stop = ["</answer>"]
+    cfg.train.format_warmup_steps = 40
+    cfg.ckpt.every = 25
+    return cfg
+
+
 PRESETS = {
     "orz-0.5b": lambda: _orz("Qwen/Qwen2.5-0.5B", tp=1, steps=1000),
     "orz-1.5b": lambda: _orz("Qwen/Qwen2.5-1.5B", tp=1, steps=1000),
     "orz-7b": lambda: _orz("Qwen/Qwen2.5-7B", tp=2, steps=1000),
     "orz-32b": _orz_32b,
-    "demo": lambda: _small(
-        {**_TINY_ARCH, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4},
-        steps=60,
-        prompts=16,
-        samples=8,
-        max_tokens=16,
-    ),
+    "demo": _demo,
     "tiny": lambda: _small(_TINY_ARCH, steps=3, prompts=2, samples=2, max_tokens=8),
 }
 """Preset name -> function building a fresh :class:`Config`."""
