@@ -137,7 +137,7 @@ class OptimConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)
     """Training prompt files (ORZ JSON, JSONL with prompt/answer, Parquet); empty uses ``synthetic``."""
-    synthetic: Literal["arithmetic", "addition", "maximum", "countdown", "mixed"] = "arithmetic"
+    synthetic: Literal["arithmetic", "addition", "maximum", "comparison", "countdown", "mixed"] = "arithmetic"
     """Synthetic verifiable task family used when ``train`` is empty."""
     synthetic_size: int = 10000
     """Number of synthetic problems generated (from ``train.seed``)."""

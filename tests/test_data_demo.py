@@ -40,6 +40,15 @@ def test_maximum_family():
     assert len({p.prompt for p in problems}) > 100
 
 
+def test_comparison_family():
+    problems = synthetic_problems("comparison", 300, difficulty=1, seed=1)
+    for p in problems:
+        a, b = p.prompt.removesuffix("?").split(">")
+        assert a != b and p.answer == ("yes" if int(a) > int(b) else "no")
+    share = sum(p.answer == "yes" for p in problems) / len(problems)
+    assert 0.4 < share < 0.6  # a coin flip for a model that ignores the prompt
+
+
 def test_plain_template():
     assert render_prompt("3+4=", "plain") == "3+4=\nAssistant: "
     with pytest.raises(ValueError, match="'orz', 'chat' or 'plain'"):

@@ -4,7 +4,9 @@
 - ``countdown``: reach a target from given numbers with + - * / (each number once); the ground truth is
   a ``countdown:`` string checked by :mod:`orz_fast.reward.countdown` (any correct expression scores).
 - ``addition``: ``a + b`` with ``difficulty`` digits per operand.
-- ``maximum``: the largest of ``difficulty + 1`` digits (the CPU demo's task: learnable by attending to the prompt).
+- ``maximum``: the largest of ``difficulty + 1`` digits.
+- ``comparison``: ``a>b?`` for two different ``difficulty``-digit numbers, answered ``yes`` or ``no`` (the CPU
+  demo's task: a coin flip at first, learnable by attending to the prompt).
 - ``mixed``: arithmetic and countdown alternating.
 """
 
@@ -16,8 +18,8 @@ from typing import Literal
 from orz_fast.data.loaders import Problem
 from orz_fast.reward import countdown
 
-Family = Literal["arithmetic", "addition", "maximum", "countdown", "mixed"]
-FAMILIES = ("arithmetic", "addition", "maximum", "countdown", "mixed")
+Family = Literal["arithmetic", "addition", "maximum", "comparison", "countdown", "mixed"]
+FAMILIES = ("arithmetic", "addition", "maximum", "comparison", "countdown", "mixed")
 _OPS = ("+", "-", "*")
 
 
@@ -43,6 +45,15 @@ def maximum_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
     """``max(d1,...,dk)=`` over ``difficulty + 1`` random digits, and the largest."""
     digits = [rng.randint(0, 9) for _ in range(difficulty + 1)]
     return f"max({','.join(map(str, digits))})=", str(max(digits))
+
+
+def comparison_problem(rng: random.Random, difficulty: int) -> tuple[str, str]:
+    """``a>b?`` for two different ``difficulty``-digit numbers, and ``yes`` or ``no``."""
+    a = _operand(rng, difficulty)
+    b = a
+    while b == a:
+        b = _operand(rng, difficulty)
+    return f"{a}>{b}?", "yes" if a > b else "no"
 
 
 def _countdown_numbers(difficulty: int) -> tuple[int, int]:
@@ -93,6 +104,7 @@ def synthetic_problems(family: Family, n: int, *, difficulty: int = 3, seed: int
             "arithmetic": arithmetic_problem,
             "addition": addition_problem,
             "maximum": maximum_problem,
+            "comparison": comparison_problem,
             "countdown": countdown_problem,
         }[kind]
         question, answer = make(rng, difficulty)[:2]
