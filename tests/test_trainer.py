@@ -230,6 +230,13 @@ def test_nan_step_is_skipped_and_training_continues(trainer):
     json.dumps({k: v for k, v in metrics.items()})  # loggable
 
 
+def test_several_policy_updates_and_fused_loss(tmp_path):
+    run(train_cmd(tmp_path, "train.steps=2", "ppo.policy_updates_per_step=2", "ppo.fused_loss=true"))
+    records = read_metrics(Path(tmp_path) / "metrics.jsonl")
+    assert len(records) == 2 and "entropy" not in records[0]
+    assert records[0]["policy_steps_skipped"] == 0 and records[0]["policy_grad_norm"] > 0
+
+
 def test_grpo_variant_runs_without_critic(tmp_path):
     run(train_cmd(tmp_path, "train.steps=2", "ppo.advantage=grpo"))
     records = read_metrics(Path(tmp_path) / "metrics.jsonl")

@@ -11,6 +11,7 @@ the stages to global rank 0, which writes the directory.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import zlib
@@ -104,18 +105,20 @@ def param_layouts(model: DecoderStage) -> dict[str, ParamLayout]:
 # Tensor sources
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
     """Full-size Hugging Face tensors by name, read one TP chunk at a time."""
 
+    @abc.abstractmethod
     def has(self, name: str) -> bool:
-        raise NotImplementedError
+        """Whether the source holds tensor ``name``."""
 
+    @abc.abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The full shape of tensor ``name``."""
 
+    @abc.abstractmethod
     def chunk(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         """``tensor[start:stop]`` along ``dim`` (the whole tensor when ``dim`` is None)."""
-        raise NotImplementedError
 
 
 class SafetensorsSource(TensorSource):

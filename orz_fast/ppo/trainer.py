@@ -308,19 +308,59 @@ class Trainer:
         bins = pack_micro_batches(samples, indices, self.cfg.ppo.micro_batch_tokens)
         return [make_micro_batch(samples, b, offsets, per_action, self.device) for b in bins]
 
+    def _per_action_forward(self, model, samples, offsets, fn) -> torch.Tensor:
+        """``fn(output, batch)`` -> [A_mb] per micro-batch, forward only, gathered in sample order: float32 [A]."""
+        out = torch.zeros(int(offsets[-1]), dtype=torch.float32)
+        mbs = self._micro_batches(samples, list(range(len(samples))), offsets, {})
+        model.eval()
+        with torch.no_grad():
+            results = parallel.forward_backward(model, mbs, fn, forward_only=True)
+        model.train()
+        for b, r in zip(mbs, results, strict=True):
+            out[b["rows"].cpu()] = r.float().cpu()
+        return out
+
     def _critic_values(self, samples, offsets) -> torch.Tensor:
         """Critic values at every action, in sample order: float32 [A]."""
-        values = torch.zeros(int(offsets[-1]), dtype=torch.float32)
-        mbs = self._micro_batches(samples, list(range(len(samples))), offsets, {})
-        self.critic.eval()
-        with torch.no_grad():
-            outs = parallel.forward_backward(
-                self.critic, mbs, lambda out, b: out[b["action_idx"]].float(), forward_only=True
+        return self._per_action_forward(self.critic, samples, offsets, lambda v, b: v[b["action_idx"]])
+
+    def _recompute_logprobs(self, samples, offsets) -> torch.Tensor:
+        """Current-policy log-probs at every action, in sample order: float32 [A]."""
+        temperature = self.cfg.rollout.temperature or 1.0
+
+        def logp_fn(hidden, b):
+            h = hidden[b["action_idx"]]
+            return ops.linear_logprobs(
+                h, self.policy.output_weight, b["targets"], temperature=temperature, tp_group=self.tp_group
             )
-        self.critic.train()
-        for b, v in zip(mbs, outs, strict=True):
-            values[b["rows"].cpu()] = v.cpu()
-        return values
+
+        return self._per_action_forward(self.policy, samples, offsets, logp_fn)
+
+    def _shuffled_chunks(self, n: int, k: int, salt: int) -> list[list[int]]:
+        """``k`` mini-batches of ``range(n)``, shuffled from (seed, step, salt) so a resumed run repeats them."""
+        gen = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 31 + salt)
+        order = torch.randperm(n, generator=gen).tolist()
+        return [order[i::k] for i in range(min(k, n))]
+
+    def _minibatch_steps(self, model, opt, samples, offsets, chunks, per_action, make_loss_fn, lr):
+        """One optimizer step per chunk of samples; returns (summed stats, mean grad norm, skipped steps)."""
+        totals: dict[str, float] = {}
+        norms, skipped = [], 0
+        for chunk in chunks:
+            mbs = self._micro_batches(samples, chunk, offsets, per_action)
+            n_local = sum(int(b["targets"].numel()) for b in mbs)
+            total = _all_reduce_sum([n_local], self.dp_group)[0]
+            # forward_backward divides by the micro-batch count and DP averaging by dp: undo both so
+            # the gradient is the token mean over the mini-batch on all ranks.
+            scale = len(mbs) * self.dp / max(total, 1.0)
+            stats = parallel.forward_backward(model, mbs, make_loss_fn(scale))
+            parallel.finalize_model_grads(model)
+            res = opt.step(lr)
+            norms.append(res["grad_norm"])
+            skipped += int(res["skipped"])
+            for key, val in _reduce_stats(stats, self.dp_group).items():
+                totals[key] = totals.get(key, 0.0) + val
+        return totals, float(np.mean(norms)), float(skipped)
 
     def advantages(self, samples: list[Sample], offsets: torch.Tensor, values: torch.Tensor | None):
         """(advantages [A], returns [A] or None) for this rank's samples; whitening over all ranks' tokens."""
@@ -385,103 +425,57 @@ class Trainer:
 
         return loss_fn
 
-    def _recompute_logprobs(self, samples, offsets) -> torch.Tensor:
-        """Current-policy log-probs at every action (forward only), in sample order: float32 [A]."""
-        logprobs = torch.zeros(int(offsets[-1]), dtype=torch.float32)
-        mbs = self._micro_batches(samples, list(range(len(samples))), offsets, {})
-        temperature = self.cfg.rollout.temperature or 1.0
-
-        def logp_fn(hidden, b):
-            return ops.linear_logprobs(
-                hidden[b["action_idx"]],
-                self.policy.output_weight,
-                b["targets"],
-                temperature=temperature,
-                tp_group=self.tp_group,
-            )
-
-        with torch.no_grad():
-            outs = parallel.forward_backward(self.policy, mbs, logp_fn, forward_only=True)
-        for b, lp in zip(mbs, outs, strict=True):
-            logprobs[b["rows"].cpu()] = lp.cpu()
-        return logprobs
-
     def update_policy(self, samples, offsets, adv, lr) -> dict[str, float]:
         """``policy_updates_per_step`` optimizer steps over shuffled mini-batches (1: the whole step's samples)."""
-        k = min(self.cfg.ppo.policy_updates_per_step, len(samples))
+        k = self.cfg.ppo.policy_updates_per_step
         if k == 1:
             old = torch.tensor([lp for s in samples for lp in s.logprobs], dtype=torch.float32)
             chunks = [list(range(len(samples)))]
         else:
             old = self._recompute_logprobs(samples, offsets)
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 104729 + self.step)
-            order = torch.randperm(len(samples), generator=gen).tolist()
-            chunks = [order[i::k] for i in range(k)]
+            chunks = self._shuffled_chunks(len(samples), k, salt=1)
         per_action = {"old_logprobs": old, "advantages": adv.float()}
-        totals: dict[str, float] = {}
-        norms, skipped = [], 0
-        for chunk in chunks:
-            mbs = self._micro_batches(samples, chunk, offsets, per_action)
-            n_local = sum(int(b["targets"].numel()) for b in mbs)
-            total = _all_reduce_sum([n_local], self.dp_group)[0]
-            # forward_backward divides by the micro-batch count and DP averaging by dp: undo both so
-            # the gradient is the token mean over the mini-batch on all ranks.
-            scale = len(mbs) * self.dp / max(total, 1.0)
-            stats = parallel.forward_backward(self.policy, mbs, self._policy_loss_fn(scale))
-            parallel.finalize_model_grads(self.policy)
-            res = self.policy_opt.step(lr)
-            norms.append(res["grad_norm"])
-            skipped += int(res["skipped"])
-            for key, val in _reduce_stats(stats, self.dp_group).items():
-                totals[key] = totals.get(key, 0.0) + val
+        totals, norm, skipped = self._minibatch_steps(
+            self.policy, self.policy_opt, samples, offsets, chunks, per_action, self._policy_loss_fn, lr
+        )
         tokens = max(totals.get("tokens", 0.0), 1.0)
         out = {k.removesuffix("_sum"): v / tokens for k, v in totals.items() if k.endswith("_sum")}
-        return out | {"policy_grad_norm": float(np.mean(norms)), "policy_steps_skipped": float(skipped)}
+        return out | {"policy_grad_norm": norm, "policy_steps_skipped": skipped}
+
+    def _value_loss_fn(self, scale: float):
+        clip = self.cfg.ppo.value_clip
+
+        def loss_fn(values: torch.Tensor, b: dict[str, torch.Tensor]):
+            loss, stats = ops.ppo_value_loss(
+                values[b["action_idx"]], b["old_values"], b["returns"], b["mask"], clip=clip
+            )
+            n = b["targets"].numel()
+            keys = ("returns_sum", "returns_sq_sum", "error_sum", "error_sq_sum")
+            return loss * (n * scale), {
+                "value_loss_sum": loss.detach() * n,
+                "value_clipfrac_sum": stats["clipfrac"] * n,
+                "tokens": float(n),
+                **{k: stats[k] for k in keys},
+            }
+
+        return loss_fn
 
     def update_critic(self, samples, offsets, values, returns, lr) -> dict[str, float]:
-        p = self.cfg.ppo
+        """``critic_updates_per_step`` optimizer steps over shuffled mini-batches."""
+        chunks = self._shuffled_chunks(len(samples), self.cfg.ppo.critic_updates_per_step, salt=2)
         per_action = {"old_values": values, "returns": returns}
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + self.step)
-        order = torch.randperm(len(samples), generator=gen).tolist()
-        k = min(p.critic_updates_per_step, len(samples))
-        chunks = [order[i::k] for i in range(k)]
-        out: dict[str, float] = {}
-        norms, skipped = [], 0
-        for chunk in chunks:
-            mbs = self._micro_batches(samples, chunk, offsets, per_action)
-            n_local = sum(int(b["targets"].numel()) for b in mbs)
-            total = _all_reduce_sum([n_local], self.dp_group)[0]
-            scale = len(mbs) * self.dp / max(total, 1.0)
-
-            def loss_fn(v: torch.Tensor, b, scale=scale):
-                vals = v[b["action_idx"]]
-                loss, stats = ops.ppo_value_loss(vals, b["old_values"], b["returns"], b["mask"], clip=p.value_clip)
-                n = b["targets"].numel()
-                keys = ("returns_sum", "returns_sq_sum", "error_sum", "error_sq_sum")
-                return loss * (n * scale), {
-                    "value_loss_sum": loss.detach() * n,
-                    "value_clipfrac_sum": stats["clipfrac"] * n,
-                    "tokens": float(n),
-                    **{k: stats[k] for k in keys},
-                }
-
-            stats = parallel.forward_backward(self.critic, mbs, loss_fn)
-            parallel.finalize_model_grads(self.critic)
-            res = self.critic_opt.step(lr)
-            norms.append(res["grad_norm"])
-            skipped += int(res["skipped"])
-            for key, val in _reduce_stats(stats, self.dp_group).items():
-                out[key] = out.get(key, 0.0) + val
+        out, norm, skipped = self._minibatch_steps(
+            self.critic, self.critic_opt, samples, offsets, chunks, per_action, self._value_loss_fn, lr
+        )
         tokens = max(out.get("tokens", 0.0), 1.0)
-        n_ret = tokens
-        var_r = out["returns_sq_sum"] / n_ret - (out["returns_sum"] / n_ret) ** 2
-        var_e = out["error_sq_sum"] / n_ret - (out["error_sum"] / n_ret) ** 2
+        var_r = out["returns_sq_sum"] / tokens - (out["returns_sum"] / tokens) ** 2
+        var_e = out["error_sq_sum"] / tokens - (out["error_sum"] / tokens) ** 2
         return {
             "value_loss": out["value_loss_sum"] / tokens,
             "value_clipfrac": out["value_clipfrac_sum"] / tokens,
             "explained_variance": 1.0 - var_e / var_r if var_r > 1e-12 else float("nan"),
-            "critic_grad_norm": float(np.mean(norms)),
-            "critic_steps_skipped": float(skipped),
+            "critic_grad_norm": norm,
+            "critic_steps_skipped": skipped,
         }
 
     # ------------------------------------------------------------------ loop
