@@ -22,6 +22,32 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+_QWEN25_COMMON = {
+    "model_type": "qwen2",
+    "vocab_size": 151936,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+QWEN25_0P5B = {
+    **_QWEN25_COMMON,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+}
+"""Qwen2.5-0.5B's architecture (random weights in the GPU benchmarks)."""
+QWEN25_1P5B = {
+    **_QWEN25_COMMON,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+}
+"""Qwen2.5-1.5B's architecture (random weights in the GPU benchmarks)."""
+
 
 def hardware_class() -> str:
     """``cpu``, ``h100``, ``h200`` or the lower-cased GPU name with spaces as dashes."""

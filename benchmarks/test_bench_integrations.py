@@ -24,16 +24,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 B = T = 8192
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """On CPU, time with one intra-op thread: the machine is shared, and these figures are ratios."""
-    if CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _verl_gae():

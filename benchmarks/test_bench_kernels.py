@@ -33,17 +33,7 @@ BACKENDS = ("triton", "torch") if CUDA else ("torch",)
 LOOP_TOKENS = 2**20 if CUDA else 2**18
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """On CPU, time with one intra-op thread: on a shared machine, waits at the thread barrier
-    of an oversubscribed pool swamp the op itself, and these figures are ratios anyway."""
-    if CUDA:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def bench(fn: Callable[[], object]) -> float:

@@ -15,26 +15,13 @@ from __future__ import annotations
 import statistics
 
 import torch
-from harness import hardware_class, median_time, write_result
+from harness import QWEN25_1P5B, hardware_class, median_time, write_result
 
 from orz_fast import parallel
 from orz_fast.models import load_pretrained
 
 PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
 
-QWEN25_1P5B = {
-    "model_type": "qwen2",
-    "vocab_size": 151936,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-    "num_key_value_heads": 2,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 32768,
-}
 SMALL_CPU = {
     "model_type": "qwen2",
     "vocab_size": 2048,

@@ -25,7 +25,7 @@ import tempfile
 
 import pytest
 import torch
-from harness import median_time, write_result
+from harness import QWEN25_0P5B, QWEN25_1P5B, median_time, write_result
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from orz_fast import parallel
@@ -48,32 +48,7 @@ CPU_WORKLOADS = {
     "rl": (8, (64, 256), 8, 64, 1.0),
     "greedy": (16, (32, 256), 1, 64, 0.0),
 }
-GPU_ARCHS = {
-    "qwen2.5-0.5b-shape": {
-        "model_type": "qwen2",
-        "vocab_size": 151936,
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-    },
-    "qwen2.5-1.5b-shape": {
-        "model_type": "qwen2",
-        "vocab_size": 151936,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-    },
-}
+GPU_ARCHS = {"qwen2.5-0.5b-shape": QWEN25_0P5B, "qwen2.5-1.5b-shape": QWEN25_1P5B}
 GPU_SEQS, GPU_PROMPT, GPU_NEW = 256, 512, 1024
 
 
