@@ -83,7 +83,8 @@ def test_code_in_answers_is_never_executed(scorer, tmp_path, template):
     assert scores[:2] == [0.0, 0.0]
     assert scorer.is_equivalent(payload, "0") is False
     # straight to the symbolic checks too, past every fast-path rule
-    assert True not in scorer.pool.run([("math", payload, "5"), ("orz", payload, "5")])
+    verdicts = scorer.pool.run([("math", payload, "5"), ("orz", payload, "5")])
+    assert len(verdicts) == 2 and not any(verdicts)
     assert not target.exists()
 
 

@@ -121,7 +121,7 @@ def _check_plain_tp_linears(model: PolicyModel) -> None:
             odd = lin.sequence_parallel or lin.skip_bias_add
             odd = odd or (lin.gather_output if column else not lin.input_is_parallel)
             if odd:
-                raise NotImplementedError(
+                raise ValueError(
                     f"layers.{i}.{name}: NativeEngine supports TP linears without sequence parallelism, "
                     "skip_bias_add, gather_output or a non-split row input"
                 )
@@ -174,9 +174,9 @@ class NativeEngine:
         if not isinstance(model, PolicyModel):
             raise TypeError(f"NativeEngine needs an orz_fast PolicyModel, got {type(model).__name__}")
         if parallel.pp_size() > 1:
-            raise NotImplementedError(
+            raise ValueError(
                 f"NativeEngine runs pipeline-parallel size 1 only, got pp={parallel.pp_size()}; "
-                "use the vLLM backend or tp-only layouts for rollout"
+                "use a tensor-parallel-only layout for rollout"
             )
         _check_plain_tp_linears(model)
         if kv_cache_bytes is not None and kv_cache_bytes < 1:
