@@ -5,8 +5,10 @@ made of ("pieces") and the dimension the tensor-parallel split runs along. Rank 
 ``tp`` holds, concatenated along dim 0, the ``r``-th of ``tp`` equal chunks of each piece
 along the split dimension (fused Q/K/V = [q | k | v] chunks, fused gate/up = [gate | up]).
 Loading reads exactly those chunks (safetensors slices, so a rank never materialises
-another rank's rows); saving all-gathers each parameter over TP, un-fuses it and gathers
-the stages to global rank 0, which writes the directory.
+another rank's rows). Export goes the other way, one tensor at a time (:func:`iter_hf_tensors`,
+shared by saving and by the rollout engines' weight sync): each parameter's shard is broadcast
+over PP, all-gathered over TP and un-fused; for saving, global rank 0 collects them and writes
+the directory.
 """
 
 from __future__ import annotations
@@ -69,13 +71,17 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def param_layouts(model: DecoderStage) -> dict[str, ParamLayout]:
-    """Layout of every parameter of ``model`` (one stage, one TP rank), keyed by its module name."""
-    spec = model.spec
+def stage_layouts(spec: ModelSpec, *, role: Role | None, stage: int, pp: int) -> dict[str, ParamLayout]:
+    """Layout of every parameter of pipeline stage ``stage`` of ``pp``, keyed by its module name on that stage.
+
+    ``role`` is the head on the last stage (``None``: the bare trunk). Every rank can compute any
+    stage's layouts, which is how stages that do not hold a parameter know what to receive.
+    """
+    first, last = stage == 0, stage == pp - 1
     out: dict[str, ParamLayout] = {}
-    if model.is_first_stage:
+    if first:
         out["embed.weight"] = ParamLayout(("model.embed_tokens.weight",), 0)
-    for local, g in enumerate(model.layer_ids):
+    for local, g in enumerate(spec.stage_layers(stage, pp)):
         m, p = f"layers.{local}.", f"model.layers.{g}."
         attn = p + "self_attn."
         out[m + "input_layernorm.weight"] = ParamLayout((p + "input_layernorm.weight",), None)
@@ -88,13 +94,26 @@ def param_layouts(model: DecoderStage) -> dict[str, ParamLayout]:
             out[m + "o_proj.bias"] = ParamLayout((attn + "o_proj.bias",), None)
         out[m + "gate_up.weight"] = ParamLayout((p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), 0)
         out[m + "down.weight"] = ParamLayout((p + "mlp.down_proj.weight",), 1)
-    if model.is_last_stage:
+    if last:
         out["norm.weight"] = ParamLayout(("model.norm.weight",), None)
-        if isinstance(model, PolicyModel) and model.output_layer.weight is not None:
+        # A tied head on the embedding's own stage reuses the embedding's shard (no parameter of its own).
+        if role == "policy" and not (spec.tie_word_embeddings and first):
             head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
             out["output_layer.weight"] = ParamLayout((head,), 0)
-        if isinstance(model, CriticModel):
+        if role == "critic":
             out["value_head.weight"] = ParamLayout(("value_head.weight",), None)
+    return out
+
+
+def _role(model: DecoderStage) -> Role | None:
+    if isinstance(model, PolicyModel):
+        return "policy"
+    return "critic" if isinstance(model, CriticModel) else None
+
+
+def param_layouts(model: DecoderStage) -> dict[str, ParamLayout]:
+    """Layout of every parameter of ``model`` (one stage, one TP rank), keyed by its module name."""
+    out = stage_layouts(model.spec, role=_role(model), stage=parallel.pp_rank(), pp=parallel.pp_size())
     names = {n for n, _ in model.named_parameters()}
     if names != set(out):
         raise RuntimeError(f"parameter layout out of sync with the module: {sorted(names ^ set(out))}")
@@ -363,6 +382,17 @@ def model_from_config(
 # Export
 
 
+def _shard_shape(layout: ParamLayout, shapes: dict[str, tuple[int, ...]], tp: int) -> tuple[int, ...]:
+    """Shape of one TP rank's parameter: each piece's chunk along the split dimension, concatenated along dim 0."""
+    chunks = []
+    for name in layout.pieces:
+        shape = list(shapes[name])
+        if layout.split_dim is not None:
+            shape[layout.split_dim] //= tp
+        chunks.append(shape)
+    return (sum(c[0] for c in chunks), *chunks[0][1:])
+
+
 def _gather_tp(tensor: torch.Tensor, layout: ParamLayout, shapes: dict[str, tuple[int, ...]]) -> Iterator:
     """(hf_name, full tensor) pairs of one parameter (or its gradient), all-gathered over the TP group."""
     tp = parallel.tp_size()
@@ -376,33 +406,60 @@ def _gather_tp(tensor: torch.Tensor, layout: ParamLayout, shapes: dict[str, tupl
     for i, name in enumerate(layout.pieces):
         chunks = [r[i] for r in per_rank]
         full = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=layout.split_dim)
-        yield name, full.cpu().contiguous()
+        yield name, full.contiguous()
+
+
+@torch.no_grad()
+def iter_hf_tensors(model: DecoderStage, *, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every Hugging Face tensor of the whole model as ``(hf_name, full tensor)``, one at a time, on every rank.
+
+    Collective over this rank's TP and PP groups: all their ranks iterate it to the end in step
+    (data-parallel replicas are independent). Each parameter's TP shard is broadcast from the
+    stage holding it to the other stages, all-gathered over TP and split into its Hugging Face
+    pieces (fused QKV into q/k/v per query group, fused gate/up into gate and up per TP chunk),
+    so every rank yields the same sequence: the shapes of :func:`expected_shapes` (vocab rows
+    exactly ``vocab_size``), the parameters' dtype, the model's device. A tied LM head is not
+    yielded (``model.embed_tokens.weight`` is). With ``grads`` the gradients are yielded
+    instead, zeros where a gradient is missing. Extra memory: one parameter's shards and its
+    full tensor. With TP = PP = 1 the tensors alias the parameters: copy before modifying.
+    """
+    spec = model.spec
+    shapes = expected_shapes(spec)
+    tp, pp, my_stage = parallel.tp_size(), parallel.pp_size(), parallel.pp_rank()
+    params = dict(model.named_parameters())
+    ref = next(iter(params.values()))
+    for stage in range(pp):
+        for pname, layout in stage_layouts(spec, role=_role(model), stage=stage, pp=pp).items():
+            if pname == "output_layer.weight" and spec.tie_word_embeddings:
+                continue  # the last stage's copy of a tied embedding (pp > 1); the first stage yields it
+            if stage == my_stage:
+                p = params[pname]
+                shard = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
+                shard = shard.to(ref.dtype)
+            else:
+                shard = torch.empty(_shard_shape(layout, shapes, tp), dtype=ref.dtype, device=ref.device)
+            if pp > 1:
+                group = parallel.pp_group()
+                shard = shard.contiguous()
+                dist.broadcast(shard, src=dist.get_global_rank(group, stage), group=group)
+            yield from _gather_tp(shard, layout, shapes)
 
 
 @torch.no_grad()
 def gather_hf_state_dict(model: DecoderStage, *, grads: bool = False) -> dict[str, torch.Tensor] | None:
-    """The full Hugging Face-named state dict (or, with ``grads``, the gradients) on global rank 0.
+    """The full Hugging Face-named state dict (or, with ``grads``, the gradients) on global rank 0, on CPU.
 
     Collective: every rank calls it; non-zero ranks get ``None``. A missing gradient is zeros.
+    The tensors are copies (never the parameters themselves).
     """
-    shapes = expected_shapes(model.spec)
-    params = dict(model.named_parameters())
-    local: dict[str, torch.Tensor] = {}
-    for pname, layout in param_layouts(model).items():
-        if pname == "output_layer.weight" and model.spec.tie_word_embeddings:
-            continue  # the last stage's copy of a tied embedding (pp > 1); the first stage exports it
-        p = params[pname]
-        tensor = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
-        local.update(_gather_tp(tensor, layout, shapes))
-    keep = parallel.tp_rank() == 0 and parallel.dp_rank() == 0
-    objs: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local if keep else {}, objs, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in objs:
-        merged.update(part)
-    return merged
+    if parallel.dp_rank() != 0:
+        return None  # only data-parallel replica 0, which holds global rank 0, has to gather
+    keep = dist.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_hf_tensors(model, grads=grads):
+        if keep:
+            state[name] = tensor.to("cpu", copy=True)
+    return state if keep else None
 
 
 def save_pretrained(model: DecoderStage, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> Path:

@@ -1,6 +1,7 @@
-"""Rollout: sampling parameters, completions, the batched sampler and the native paged-KV engine."""
+"""Rollout: sampling parameters, completions, the native paged-KV engine and the vLLM backend."""
 
 from orz_fast.rollout.native import NativeEngine
 from orz_fast.rollout.sampling import Completion, SamplingParams
+from orz_fast.rollout.vllm_engine import VllmEngine
 
-__all__ = ["Completion", "NativeEngine", "SamplingParams"]
+__all__ = ["Completion", "NativeEngine", "SamplingParams", "VllmEngine"]
