@@ -6,6 +6,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-baseline",
+        action="store_true",
+        default=False,
+        help="rewrite benchmarks/results/baselines/<name>.<hardware>.json with this run's ratios "
+        "instead of failing on a drop of more than 15%%",
+    )
+
+
+def pytest_configure(config):
+    harness.UPDATE_BASELINE = config.getoption("--update-baseline")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every guarded ratio of the session against its baseline, shown whether or not output is captured."""
+    if not harness.GUARD_RESULTS:
+        return
+    hardware = harness.GUARD_RESULTS[0].hardware
+    terminalreporter.section(f"benchmark ratios vs baseline ({hardware}, allowed drop 15%)")
+    for result in harness.GUARD_RESULTS:
+        for line in result.lines():
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture
 def one_cpu_thread():

@@ -1,9 +1,12 @@
-"""Shared benchmark plumbing: timing, hardware identification and result files.
+"""Shared benchmark plumbing: timing, hardware identification, result files and the regression guard.
 
 Every benchmark writes one JSON file per hardware class under
 ``benchmarks/results/`` (``<name>.<hardware>.json``) holding the device name,
 the commit, the date and the measured figures, so results from CPU, H100 and
-H200 runs sit side by side.
+H200 runs sit side by side. The ratios it declares (``write_result(...,
+ratios=...)``) are also checked against ``results/baselines/<name>.<hardware>.json``
+(see ``regression_guard.py``): more than 15 % worse fails the benchmark;
+``pytest benchmarks/ --update-baseline`` rewrites the baselines instead.
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from regression_guard import Better, GuardResult, check_baseline, resolve_ratios
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASELINE_DIR = RESULTS_DIR / "baselines"
+UPDATE_BASELINE = False
+"""Set by ``pytest --update-baseline`` (conftest.py): rewrite the baselines instead of checking them."""
+GUARD_RESULTS: list[GuardResult] = []
+"""This session's guard outcomes, listed in pytest's terminal summary (conftest.py)."""
 
 _QWEN25_COMMON = {
     "model_type": "qwen2",
@@ -96,18 +106,38 @@ def median_time(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 5) -> flo
     return statistics.median(times)
 
 
-def write_result(name: str, figures: dict[str, Any]) -> Path:
-    """Write ``figures`` plus device, commit and date to ``results/<name>.<hardware>.json``."""
+def write_result(name: str, figures: dict[str, Any], *, ratios: Mapping[str, Better] | None = None) -> Path:
+    """Write ``figures`` plus device, commit and date to ``results/<name>.<hardware>.json``, then guard
+    the declared ``ratios`` (paths into ``figures``, ``/``-separated, each ``"higher"`` or ``"lower"``
+    is better) against the baseline of this hardware class.
+
+    The result file is written either way; a ratio more than 15 % worse than its baseline raises
+    ``AssertionError`` naming the ratio, its baseline and the measured value.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    hardware = hardware_class()
+    provenance = {"device": device_name(), "commit": commit(), "date": _dt.date.today().isoformat()}
+    measured = resolve_ratios(figures, ratios or {})
     payload = {
         "benchmark": name,
-        "hardware": hardware_class(),
-        "device": device_name(),
-        "commit": commit(),
-        "date": _dt.date.today().isoformat(),
+        "hardware": hardware,
+        **provenance,
         "torch": torch.__version__,
         **figures,
+        "ratios": measured,
     }
-    path = RESULTS_DIR / f"{name}.{hardware_class()}.json"
+    path = RESULTS_DIR / f"{name}.{hardware}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    if measured:
+        guard = check_baseline(
+            name, hardware, measured, baseline_dir=BASELINE_DIR, provenance=provenance, update=UPDATE_BASELINE
+        )
+        GUARD_RESULTS.append(guard)
+        print("\n".join(guard.lines()))
+        if guard.status == "created" or (guard.status == "passed" and guard.recorded):
+            recorded = ", ".join(guard.recorded)
+            message = f"{name}: no {hardware} baseline for {recorded} yet; recorded in {guard.baseline_path}"
+            warnings.warn(message, stacklevel=2)
+        if guard.status == "failed":
+            raise AssertionError(guard.failure_message() + f"\nmeasured figures: {path}")
     return path

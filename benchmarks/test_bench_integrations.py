@@ -107,7 +107,11 @@ def test_bench_verl_gae(gamma, lam):
         "speedup_vs_baseline": t_base / t_ours,
         "copy_ms": t_copy * 1e3,
     }
-    path = write_result(f"integrations_verl_gae_g{gamma}_l{lam}", figures)
+    path = write_result(
+        f"integrations_verl_gae_g{gamma}_l{lam}",
+        figures,
+        ratios={"speedup_vs_baseline": "higher", "orz_pct_of_copy": "higher"},
+    )
     print(f"\nverl GAE {B}x{T} gamma={gamma} lam={lam} -> {path}")
     for k, v in figures.items():
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")

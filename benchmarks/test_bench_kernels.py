@@ -30,6 +30,7 @@ from orz_fast.kernels.ppo_value_loss import ppo_value_loss_ref
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BACKENDS = ("triton", "torch") if CUDA else ("torch",)
+OURS = BACKENDS[0]  # the orz_fast.ops path a benchmark's guarded ratios are taken from
 LOOP_TOKENS = 2**20 if CUDA else 2**18
 
 
@@ -90,8 +91,8 @@ def run_variants(variants: dict[str, Callable[[], object] | None], floor_s: floa
     return out
 
 
-def report(name: str, figures: dict) -> None:
-    path = write_result(name, figures)
+def report(name: str, figures: dict, ratios: dict[str, str]) -> None:
+    path = write_result(name, figures, ratios=ratios)
     print(f"\n{name} -> {path}\n{json.dumps(figures, indent=1)}")
     assert json.loads(path.read_text())["benchmark"] == name
 
@@ -149,7 +150,10 @@ def test_bench_gae():
         "ops_gae_ms": t_vec * 1e3,
         "speedup": t_loop / t_vec,
     }
-    report("kernels_gae", figures)
+    ratios = {"per_token_python_loop/speedup": "higher"}
+    for key in ("gamma1.0_lam1.0", "gamma0.99_lam0.95"):
+        ratios |= {f"{key}/speedup_vs_padded_position_loop": "higher", f"{key}/{OURS}/pct_of_floor": "higher"}
+    report("kernels_gae", figures, ratios)
     assert figures["per_token_python_loop"]["speedup"] > 1
 
 
@@ -190,7 +194,8 @@ def test_bench_losses(loss_name):
     both.update(eager=fwd_bwd(eager), compile=None if eager_c is None else fwd_bwd(eager_c))
     figures["forward"] = run_variants(fwd, floor_fwd, bytes_fwd, "GB/s")
     figures["forward_backward"] = run_variants(both, floor_both, bytes_both, "GB/s")
-    report(f"kernels_{loss_name}", figures)
+    ratios = {f"{phase}/{OURS}/pct_of_floor": "higher" for phase in ("forward", "forward_backward")}
+    report(f"kernels_{loss_name}", figures, ratios)
 
 
 # --------------------------------------------------------------------------- fused linear log-probs
@@ -269,4 +274,7 @@ def test_bench_linear_logprobs(H):
         figures["fwd_bwd_over_gemm_floor"] = ours["ms"] / (floor_both * 1e3)
         if "peak_mib" in ref and "peak_mib" in ours:
             figures["peak_memory_fraction_of_eager"] = ours["peak_mib"] / ref["peak_mib"]
-    report(f"kernels_linear_logprobs_h{H}", figures)
+    ratios = {f"{phase}/{OURS}/pct_of_floor": "higher" for phase in ("forward", "forward_backward")}
+    if "peak_memory_fraction_of_eager" in figures:
+        ratios["peak_memory_fraction_of_eager"] = "lower"
+    report(f"kernels_linear_logprobs_h{H}", figures, ratios)

@@ -55,7 +55,8 @@ def test_packing_speed_and_fill():
         "pack_bins": len(bins),
         "pack_fill": float(fill),
     }
-    path = write_result("packing", figures)
+    ratios = {"balance_speedup": "higher", "balance_equal_size_speedup": "higher", "pack_fill": "higher"}
+    path = write_result("packing", figures, ratios=ratios)
     print(f"\npacking -> {path}")
     for k, v in figures.items():
         print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")

@@ -143,7 +143,8 @@ def test_rollout_cpu_vs_transformers():
                 "ratio_min": min(h / e for e, h in zip(t_engine, t_hf, strict=True)),
                 "engine_stats": dict(engine.last_stats),
             }
-        path = write_result("rollout", figures)  # while one thread is set, so the device line says so
+        # while one thread is set, so the device line says so
+        path = write_result("rollout", figures, ratios={f"{name}/ratio": "higher" for name in CPU_WORKLOADS})
     finally:
         torch.set_num_threads(threads)
     print(f"\nrollout -> {path}")
@@ -211,7 +212,7 @@ def test_rollout_gpu_vs_transformers(name):
         "engine_peak_memory_gib": peak_engine / 2**30,
         "engine_stats": stats,
     }
-    path = write_result(f"rollout_{name}", figures)
+    path = write_result(f"rollout_{name}", figures, ratios={"ratio": "higher", "roofline_fraction": "higher"})
     rate, ratio = figures["engine_tokens_per_s"], figures["ratio"]
     print(f"\nrollout {name} -> {path}: {rate:.0f} tok/s, {ratio:.2f}x transformers")
     assert figures["ratio"] >= 5.0
