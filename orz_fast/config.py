@@ -68,6 +68,8 @@ class RolloutConfig:
     """Stop strings; the matched string is kept in the output, as ORZ does."""
     kv_cache_fraction: float = 0.9
     """Fraction of free accelerator memory the rollout's KV cache may take (released after rollout)."""
+    weight_sync_bucket_mb: int = 512
+    """``vllm`` engine: size of one flattened CUDA-IPC weight bucket pushed after each policy update."""
 
 
 @dataclass(kw_only=True)
@@ -188,6 +190,19 @@ class CkptConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate the policy every this many PPO steps (0: never); the figures go to metrics.jsonl as
+    ``eval/<set>/...`` and the per-problem results to ``OUT/eval/step-N/<set>.jsonl``."""
+    data: list[str] = field(default_factory=lambda: ["math500", "aime2024", "gpqa_diamond"])
+    """Eval sets: names of ORZ's sets (``math500``, ``aime2024``, ``gpqa_diamond``) or problem files."""
+    samples: int = 1
+    """Responses per problem (avg@k); ORZ's in-training evaluation uses 1. Sampling follows ``rollout``."""
+    limit: int | None = None
+    """Evaluate only the first N problems of each set (``None``: all)."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     progress: bool = True
     """Show a progress bar."""
@@ -217,6 +232,8 @@ class Config:
     """Run length and seeding."""
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     """Checkpointing."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation on held-out sets."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics sinks."""
 
@@ -234,6 +251,7 @@ def _orz(model_path: str, *, tp: int, pp: int = 1, steps: int) -> Config:
     cfg.model.path = model_path
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     cfg.train.steps = steps
+    cfg.eval.every = 10
     return cfg
 
 
@@ -439,6 +457,8 @@ def validate(cfg: Config) -> Config:
         "reward.workers": cfg.reward.workers,
         "train.steps": cfg.train.steps,
         "ckpt.keep": cfg.ckpt.keep,
+        "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb,
+        "eval.samples": cfg.eval.samples,
     }
     for key, v in positive_ints.items():
         _require(v >= 1, key, v, "must be >= 1")
@@ -448,8 +468,17 @@ def validate(cfg: Config) -> Config:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "ckpt.every": cfg.ckpt.every,
         "ckpt.export_hf_every": cfg.ckpt.export_hf_every,
+        "eval.every": cfg.eval.every,
     }.items():
         _require(v >= 0, key, v, "must be >= 0")
+    _require(
+        cfg.model.path is None or cfg.train.format_warmup_steps == 0,
+        "train.format_warmup_steps",
+        cfg.train.format_warmup_steps,
+        "is for random-weight models only (model.path unset)",
+    )
+    _require(cfg.eval.limit is None or cfg.eval.limit >= 1, "eval.limit", cfg.eval.limit, "must be >= 1 or null")
+    _require(not cfg.eval.every or bool(cfg.eval.data), "eval.data", cfg.eval.data, "must name a set if eval.every > 0")
 
     def finite(key: str, v: float) -> None:
         _require(math.isfinite(v), key, v, "must be finite")

@@ -4,8 +4,9 @@
 With TP=2 it generates greedy, seeded-sampled (n=2) and unseeded outputs from the random
 model every layout builds identically (``build_model(TP_ARCH, seed=TP_SEED)``); the test
 compares them with TP=1 in its own process. Each rank seeds torch's generator differently,
-so the unseeded run only agrees across ranks if the engine shares its drawn seeds. Then
-it checks that a PP=2 model is refused. Rank 0 writes the results to OUT_JSON.
+so the unseeded run only agrees across ranks if the engine shares its drawn seeds. Then it
+repeats the generations with PP=2 (two stages passing activations; rank 0, the first stage,
+only sees the tokens the last stage broadcasts). Rank 0 writes the results to OUT_JSON.
 
 It also holds the arch and prompts the single-process test reuses.
 """
@@ -67,11 +68,13 @@ def main(out_path: str) -> None:
     result["unseeded_ranks_agree"] = per_rank[0] == per_rank[1]
 
     parallel.initialize(tp=1, pp=2)
-    try:
-        NativeEngine(build_model(TP_ARCH, seed=TP_SEED, device="cpu"))
-        result["pp2_error"] = None
-    except ValueError as e:
-        result["pp2_error"] = str(e)
+    result["pp2"] = run_engine()
+    torch.manual_seed(1000 + rank)
+    engine = NativeEngine(build_model(TP_ARCH, seed=TP_SEED, device="cpu"))
+    unseeded = engine.generate(TP_PROMPTS, SamplingParams(temperature=1.0, max_tokens=12))
+    per_rank = [None, None]
+    dist.all_gather_object(per_rank, [[c.token_ids for c in cs] for cs in unseeded])
+    result["pp2_unseeded_stages_agree"] = per_rank[0] == per_rank[1]
 
     if rank == 0:
         with open(out_path, "w") as f:

@@ -103,7 +103,9 @@ def _dp_worker(rank, world, port, queue):
         for p, g in zip(params, grads_for(s, rank), strict=True):
             p.grad = g.clone()
         opt.step()
-    queue.put((rank, [p.detach().clone() for p in params], sorted(opt.state)))
+    # numpy arrays pickle by value; torch tensors would go through shared-memory file descriptors that
+    # vanish when this process exits before the parent has read them.
+    queue.put((rank, [p.detach().numpy().copy() for p in params], sorted(opt.state)))
     dist.destroy_process_group()
 
 
@@ -126,6 +128,6 @@ def test_data_parallel_equals_single_process_with_averaged_grads():
     ref = reference_run(5, averaged)
     for r in range(world):
         for p, q in zip(results[r][0], ref, strict=True):
-            torch.testing.assert_close(p, q.data, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(torch.from_numpy(p), q.data, rtol=1e-6, atol=1e-7)
     owned = [results[r][1] for r in range(world)]
     assert sorted(owned[0] + owned[1]) == [0, 1, 2, 3] and owned[0] and owned[1]

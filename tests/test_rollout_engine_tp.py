@@ -40,22 +40,34 @@ def tp2_result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def test_tp2_matches_tp1(tp2_result):
+@pytest.fixture(scope="module")
+def tp1_result():
     parallel.initialize(1, 1)
-    tp1 = run_engine()
-    assert tp2_result["greedy"] == tp1["greedy"]
-    assert tp2_result["sampled"] == tp1["sampled"]
-    for a, b in zip(tp2_result["sampled_logprobs"], tp1["sampled_logprobs"], strict=True):
+    return run_engine()
+
+
+def _assert_same_generations(got: dict, ref: dict) -> None:
+    assert got["greedy"] == ref["greedy"]
+    assert got["sampled"] == ref["sampled"]
+    for a, b in zip(got["sampled_logprobs"], ref["sampled_logprobs"], strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-4)
+
+
+def test_tp2_matches_tp1(tp2_result, tp1_result):
+    _assert_same_generations(tp2_result, tp1_result)
     # A non-trivial run: greedy and sampled outputs differ, and all have the requested length.
-    assert any(g[0] != s[0] for g, s in zip(tp1["greedy"], tp1["sampled"], strict=True))
-    assert all(len(t) == 24 for cs in tp1["sampled"] for t in cs)
+    assert any(g[0] != s[0] for g, s in zip(tp1_result["greedy"], tp1_result["sampled"], strict=True))
+    assert all(len(t) == 24 for cs in tp1_result["sampled"] for t in cs)
 
 
 def test_tp2_unseeded_sampling_agrees_across_ranks(tp2_result):
     assert tp2_result["unseeded_ranks_agree"] is True
 
 
-def test_pp2_is_refused(tp2_result):
-    assert tp2_result["pp2_error"] is not None and "pp=2" in tp2_result["pp2_error"]
+def test_pp2_matches_pp1(tp2_result, tp1_result):
+    _assert_same_generations(tp2_result["pp2"], tp1_result)
+
+
+def test_pp2_unseeded_sampling_agrees_across_stages(tp2_result):
+    assert tp2_result["pp2_unseeded_stages_agree"] is True

@@ -92,6 +92,17 @@ def test_tiny_run_writes_metrics_checkpoint_and_hf_export(tmp_path):
     assert model.config.vocab_size == 128
 
 
+def test_periodic_eval_logs_metrics_and_writes_results(tmp_path):
+    run(train_cmd(tmp_path, "train.steps=2", "eval.every=2", 'eval.data=["math500"]', "eval.limit=3"))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert "eval/math500/accuracy" not in records[0]
+    assert records[1]["eval/math500/truncated"] + records[1]["eval/math500/accuracy"] <= 1.0
+    assert 0 < records[1]["eval/math500/response_tokens"] <= 8  # tiny: max_tokens 8
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "step-00000002" / "math500.jsonl").open()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert all(len(r["responses"]) == 1 for r in rows)
+
+
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], []], ids=["tp2", "dp2"])
 def test_two_process_runs(tmp_path, layout):
     run(train_cmd(tmp_path, "train.steps=2", *layout, nproc=2), timeout=600)
@@ -108,8 +119,46 @@ def test_layout_that_does_not_fit_is_rejected_before_work(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
     with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor-parallel size tp=3"):
         check_layout(resolve("tiny", overrides=["parallel.tp=3"]), world_size=3)
-    with pytest.raises(ValueError, match="native rollout engine runs pipeline-parallel size 1 only"):
-        check_layout(resolve("tiny", overrides=["parallel.pp=2"]), world_size=2)
+    with pytest.raises(ValueError, match="rollout.engine='vllm' needs model.path to be a Hugging Face directory"):
+        check_layout(resolve("tiny", overrides=["rollout.engine=vllm"]), world_size=1)
+    if not torch.cuda.is_available():
+        model_dir = tmp_path / "hf"
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("{}")
+        cfg = resolve("tiny", overrides=["rollout.engine=vllm", f"model.path={model_dir}"])
+        with pytest.raises(ValueError, match="rollout.engine='vllm' runs on CUDA GPUs and none is available"):
+            check_layout(cfg, world_size=1)
+    with pytest.raises(ValueError, match="world size 2 is not divisible by parallel.tp \\* parallel.pp = 1 \\* 4"):
+        check_layout(resolve("tiny", overrides=["parallel.pp=4"]), world_size=2)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run(train_cmd(out, "train.steps=2"))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["parallel.pp=2", "parallel.tp=2"], ids=["pp2", "tp2"])
+def test_model_parallel_run_equals_single_process(tmp_path, single_process_run, layout):
+    """TP=2 (sharded layers) and PP=2 (two stages: rollout passes activations, training runs 1F1B)
+    repeat the 1-process run: same samples, losses and updated weights, up to fp32 rounding."""
+    run(train_cmd(tmp_path, "train.steps=2", layout, nproc=2), timeout=600)
+    ref = deterministic(read_metrics(single_process_run / "metrics.jsonl"))
+    got = deterministic(read_metrics(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in got] == [1, 2]
+    for a, b in zip(got, ref, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(b[key], str):  # a non-finite value, e.g. "nan"
+                assert a[key] == b[key], key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    want = load_file(single_process_run / "policy_hf" / "model.safetensors")
+    have = load_file(tmp_path / "policy_hf" / "model.safetensors")
+    assert have.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):

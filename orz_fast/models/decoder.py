@@ -21,7 +21,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.enums import ModelType
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    set_tensor_model_parallel_attributes,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +45,21 @@ class StageConfig(ModelParallelConfig):
     """Read by the schedule; activation offloading is not used."""
     calculate_per_token_loss: bool = False
     """Read by the schedule; losses are averaged over micro-batches."""
+
+
+def mark_tensor_parallel_weights(module: nn.Module) -> None:
+    """Tag every vocab/column/row-parallel weight as a tensor-parallel shard (``tensor_model_parallel``,
+    ``partition_dim``), as megatron-core does only when it initialises the weights itself; the
+    optimizer's gradient norm counts tagged shards on every rank and untagged (replicated) ones once."""
+    for m in module.modules():
+        if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(m, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        if m.weight is not None:
+            set_tensor_model_parallel_attributes(m.weight, True, dim, 1)
 
 
 def _no_init(_: torch.Tensor) -> None:
@@ -196,6 +216,7 @@ class DecoderStage(nn.Module):
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self._input_tensor: torch.Tensor | None = None
         self.to(device)
+        mark_tensor_parallel_weights(self)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor] | None) -> None:
         """Activation received from the previous stage ([T, 1, H]); the pipeline schedule calls this."""
@@ -253,6 +274,10 @@ class PolicyModel(DecoderStage):
                 skip_weight_param_allocation=share,
             )
             self.output_layer.to(next(self.norm.parameters()).device)
+            mark_tensor_parallel_weights(self.output_layer)
+            if self.ties_embedding_across_stages:
+                # A copy of the first stage's embedding: the gradient norm counts the weight once (there).
+                self.output_layer.weight.shared = True
 
     @property
     def ties_embedding_across_stages(self) -> bool:

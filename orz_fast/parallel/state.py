@@ -83,6 +83,26 @@ def pp_group() -> dist.ProcessGroup:
     return parallel_state.get_pipeline_model_parallel_group()
 
 
+def mp_group() -> dist.ProcessGroup:
+    """This rank's model-parallel group: every tensor- and pipeline-parallel rank of one replica."""
+    _require_initialized()
+    return parallel_state.get_model_parallel_group()
+
+
+def stage_rank(offset: int) -> int:
+    """Global rank of the same tensor-parallel rank ``offset`` stages later in this pipeline
+    (``-1``: previous, ``1``: next; wraps around)."""
+    _require_initialized()
+    ranks = dist.get_process_group_ranks(pp_group())
+    return ranks[(pp_rank() + offset) % len(ranks)]
+
+
+def last_stage_rank() -> int:
+    """Global rank of this tensor-parallel rank's copy on the last stage of this pipeline."""
+    _require_initialized()
+    return dist.get_process_group_ranks(pp_group())[-1]
+
+
 def dp_group() -> dist.ProcessGroup:
     """This rank's data-parallel group."""
     _require_initialized()

@@ -6,7 +6,7 @@ the owner keeps that parameter's fp32 master copy and Adam moments (ZeRO stage 1
 1. averages gradients over the data-parallel group (one all-reduce per flat bucket);
 2. computes the global gradient norm over the model-parallel ranks (tensor-parallel shards
    counted once each, replicated parameters such as norms counted on tensor rank 0 only,
-   pipeline stages summed);
+   pipeline stages summed, the last stage's copy of a tied embedding (``shared``) skipped);
 3. skips the step — weights, moments and step count untouched — when the norm is NaN or inf;
 4. clips, updates the owned parameters in fp32, and broadcasts each updated parameter from
    its owner to the other data-parallel ranks (in the parameter's own dtype, e.g. bf16).
@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 
 def _world(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    """Size of ``group``; ``None`` means no group (1), never the default world."""
+    return dist.get_world_size(group) if group is not None else 1
 
 
 def _rank(group: dist.ProcessGroup | None) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank(group) if group is not None else 0
 
 
 def assign_owners(numels: list[int], world: int) -> list[int]:
@@ -115,6 +116,8 @@ class ShardedAdamW:
         device = grads[0].device
         total = torch.zeros((), dtype=torch.float32, device=device)
         for p, g in zip(self.params, grads, strict=True):
+            if getattr(p, "shared", False):  # a pipeline stage's copy of a tied weight, counted where it lives
+                continue
             if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
                 total += g.float().pow(2).sum()
         if self.mp_group is not None and _world(self.mp_group) > 1:

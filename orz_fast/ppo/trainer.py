@@ -2,12 +2,13 @@
 
 Per step (every rank runs the same code; tensor-parallel ranks hold identical data):
 
-1. take ``prompts_per_step`` prompts from the seeded sampler; each data-parallel rank
-   generates ``samples_per_prompt`` responses for its share with the native engine, which
-   reads the policy's own parameters;
-2. score them (a truncated response scores 0); gather every sample's length over the
-   data-parallel group and re-split the samples with Karmarkar–Karp so each rank gets the
-   same compute (:func:`orz_fast.packing.balance`);
+1. take ``prompts_per_step`` prompts from the seeded sampler and generate ``samples_per_prompt``
+   responses for each: with the native engine each data-parallel replica generates its share
+   with the policy's own parameters; with the vLLM engine (one per GPU) every rank generates
+   its share after the new weights are pushed to it, and the engine sleeps afterwards;
+2. score them (a truncated response scores 0); gather the samples of all generating ranks and
+   re-split them with Karmarkar–Karp so each data-parallel rank gets the same compute
+   (:func:`orz_fast.packing.balance`);
 3. critic values at every action (forward only), GAE with γ and λ, advantages whitened over
    all response tokens of the step (all data-parallel ranks);
 4. one policy optimizer step over token-budget micro-batches: ``linear_logprobs`` +
@@ -22,10 +23,12 @@ step whose gradient norm is NaN or inf is skipped (weights and moments untouched
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ import torch.distributed as dist
 from orz_fast import ops, packing, parallel
 from orz_fast.config import Config
 from orz_fast.data import encode_prompts, load_problems
-from orz_fast.data.char_tokenizer import CharTokenizer
+from orz_fast.data.tokenizer import load_tokenizer
+from orz_fast.eval import evaluate, load_eval_set
 from orz_fast.metrics import MetricsLogger
 from orz_fast.models import ModelSpec, save_pretrained
 from orz_fast.models.checkpoint import model_from_config
@@ -46,7 +50,7 @@ from orz_fast.ppo.experience import Sample, make_micro_batch, pack_micro_batches
 from orz_fast.ppo.optim import ShardedAdamW
 from orz_fast.ppo.warmup import format_warmup
 from orz_fast.reward import RewardScorer
-from orz_fast.rollout import NativeEngine, SamplingParams
+from orz_fast.rollout import NativeEngine, SamplingParams, VllmEngine
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, decay: tuple[int, int, float] | None = None) -> float:
@@ -59,19 +63,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int, decay: tuple[int, int, f
         frac = min(1.0, (step - start + 1) / steps)
         lr = base_lr + (final - base_lr) * frac
     return lr
-
-
-def load_tokenizer(cfg: Config):
-    """The policy's tokenizer (Hugging Face dir or GGUF), or the character tokenizer for random models."""
-    path = cfg.model.path
-    if path is None:
-        return CharTokenizer()
-    from transformers import AutoTokenizer
-
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(str(p))
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -92,13 +83,15 @@ def check_layout(cfg: Config, world_size: int) -> None:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if world_size % (tp * pp) != 0:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}")
-    if pp > 1:
-        raise ValueError(
-            f"parallel.pp={pp}: the native rollout engine runs pipeline-parallel size 1 only, and the "
-            "vLLM backend is not available yet; use tensor parallelism (parallel.tp) for now"
-        )
-    if cfg.rollout.engine != "native":
-        raise ValueError(f"rollout.engine={cfg.rollout.engine!r} is not available yet; use 'native'")
+    if cfg.rollout.engine == "vllm":
+        path = cfg.model.path
+        if path is None or Path(path).suffix == ".gguf" or not (Path(path) / "config.json").is_file():
+            raise ValueError(
+                f"rollout.engine='vllm' needs model.path to be a Hugging Face directory (config.json + "
+                f"tokenizer), got {path!r}; random-weight and GGUF models use rollout.engine='native'"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError("rollout.engine='vllm' runs on CUDA GPUs and none is available; use 'native'")
     if cfg.ppo.kl_coef != 0 or cfg.ppo.entropy_coef != 0:
         raise ValueError(
             f"ppo.kl_coef={cfg.ppo.kl_coef}, ppo.entropy_coef={cfg.ppo.entropy_coef}: only the ORZ objective "
@@ -152,20 +145,30 @@ class Trainer:
         self.tp_group = parallel.tp_group() if parallel.tp_size() > 1 else None
         self.is_logger = self.rank == 0
 
-        self.tokenizer = load_tokenizer(cfg)
+        # Random-weight models (no model.path) use the character tokenizer.
+        self.tokenizer = load_tokenizer(cfg.model.path or "char")
         self.policy = model_from_config(cfg.model, role="policy", seed=cfg.train.seed)
         self.critic = model_from_config(cfg.model, role="critic", seed=cfg.train.seed + 1)
-        self.device = self.policy.output_weight.device
+        self.device = next(self.policy.parameters()).device
         vocab = self.policy.spec.vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}")
-        self.engine = NativeEngine(self.policy, tokenizer=self.tokenizer)
-        o = cfg.optim
-        mp_group = parallel.tp_group() if parallel.tp_size() > 1 else None
-        common = {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay, "grad_clip": o.grad_clip}
-        common.update(dp_group=self.dp_group, mp_group=mp_group, tp_rank=parallel.tp_rank(), average_grads=False)
-        self.policy_opt = ShardedAdamW(self.policy.parameters(), lr=o.policy_lr, **common)
-        self.critic_opt = ShardedAdamW(self.critic.parameters(), lr=o.critic_lr, **common)
+        if cfg.rollout.engine == "vllm":
+            # One engine per GPU, each generating its share of the step's prompts (shared over all ranks).
+            self.engine = VllmEngine(
+                cfg.model.path,
+                gpu_memory_utilization=cfg.rollout.kv_cache_fraction,
+                dtype=cfg.model.dtype,
+                seed=cfg.train.seed,
+            )
+            self.rollout_rank, self.rollout_size = self.rank, dist.get_world_size()
+            self.rollout_group = dist.group.WORLD if self.rollout_size > 1 else None
+        else:
+            # The native engine decodes with the model's own shards: each data-parallel replica generates.
+            self.engine = NativeEngine(
+                self.policy, tokenizer=self.tokenizer, gpu_memory_utilization=cfg.rollout.kv_cache_fraction
+            )
+            self.rollout_rank, self.rollout_size, self.rollout_group = self.dp_rank, self.dp, self.dp_group
 
         problems, self.data_stats = load_problems(cfg.data, seed=cfg.train.seed)
         self.prompts = encode_prompts(
@@ -177,28 +180,39 @@ class Trainer:
         )
         self.sampler = PromptSampler(len(self.prompts), cfg.train.seed)
         self.scorer = RewardScorer(mode=cfg.reward.mode, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+        # Loaded up front so a missing eval set fails before any training.
+        self.eval_sets = [load_eval_set(d, limit=cfg.eval.limit) for d in cfg.eval.data] if cfg.eval.every else []
 
         self.ckpt = CheckpointManager(
             self.out, keep=cfg.ckpt.keep, rank=self.rank, world_size=dist.get_world_size(), barrier=dist.barrier
         )
         self.step = 0
         resume_step = None
-        if resume and self.ckpt.latest() is not None:
+        resuming = resume and self.ckpt.latest() is not None
+        if cfg.model.path is None and not resuming:
+            if cfg.train.format_warmup_steps:
+                format_warmup(
+                    self.policy,
+                    self.tokenizer,
+                    self.prompts,
+                    steps=cfg.train.format_warmup_steps,
+                    lr=cfg.train.format_warmup_lr,
+                    batch_size=cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+                    micro_batch_tokens=cfg.ppo.micro_batch_tokens,
+                    seed=cfg.train.seed,
+                    tp_group=self.tp_group,
+                )
+            # As in ORZ, where both start from the same base model: the critic's trunk is the policy's.
+            copy_trunk(self.policy, self.critic)
+        # Built after the warm-up, so the fp32 master weights start from the warmed-up parameters.
+        o = cfg.optim
+        mp_group = parallel.mp_group() if parallel.tp_size() * parallel.pp_size() > 1 else None
+        common = {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay, "grad_clip": o.grad_clip}
+        common.update(dp_group=self.dp_group, mp_group=mp_group, tp_rank=parallel.tp_rank(), average_grads=False)
+        self.policy_opt = ShardedAdamW(self.policy.parameters(), lr=o.policy_lr, **common)
+        self.critic_opt = ShardedAdamW(self.critic.parameters(), lr=o.critic_lr, **common)
+        if resuming:
             resume_step = self._restore()
-        elif cfg.train.format_warmup_steps:
-            if cfg.model.path is not None:
-                raise ValueError("train.format_warmup_steps is for random-weight models (model.path unset)")
-            format_warmup(
-                self.policy,
-                self.tokenizer,
-                self.prompts,
-                steps=cfg.train.format_warmup_steps,
-                lr=cfg.train.format_warmup_lr,
-                batch_size=cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
-                micro_batch_tokens=cfg.ppo.micro_batch_tokens,
-                seed=cfg.train.seed,
-                tp_group=self.tp_group,
-            )
         self.metrics = MetricsLogger(
             self.out,
             resume_step=resume_step,
@@ -244,7 +258,7 @@ class Trainer:
         """Generate and score this data-parallel rank's share of the step's prompts."""
         r = self.cfg.rollout
         chosen = self.sampler.take(r.prompts_per_step)
-        mine = list(range(self.dp_rank, len(chosen), self.dp))
+        mine = list(range(self.rollout_rank, len(chosen), self.rollout_size))
         n = r.samples_per_prompt
         stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         params = [
@@ -261,9 +275,8 @@ class Trainer:
             )
             for g in mine
         ]
-        self.policy.eval()
-        outputs = self.engine.generate([self.prompts[chosen[g]].token_ids for g in mine], params)
-        self.policy.train()
+        with self.engine_ready():
+            outputs = self.engine.generate([self.prompts[chosen[g]].token_ids for g in mine], params)
         texts, answers, reasons, samples = [], [], [], []
         for g, completions in zip(mine, outputs, strict=True):
             prompt = self.prompts[chosen[g]]
@@ -292,12 +305,35 @@ class Trainer:
                 s.advantage = a
         return samples, {"generated_tokens": float(sum(len(s.response) for s in samples))}
 
+    @contextlib.contextmanager
+    def engine_ready(self) -> Iterator[None]:
+        """The rollout engine ready to generate with the current policy, for the duration of the block.
+
+        Native engine: the policy in eval mode (same tensors, nothing to copy). vLLM: the new weights
+        pushed (bucketed CUDA IPC), then the KV cache woken; afterwards the engine sleeps so training
+        gets the memory back. On CUDA the allocator's cached blocks are returned first, so the KV
+        cache is sized from all the memory training is not holding.
+        """
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if isinstance(self.engine, VllmEngine):
+            self.engine.update_weights(self.policy, bucket_bytes=self.cfg.rollout.weight_sync_bucket_mb << 20)
+            self.engine.wake_up(("kv_cache",))
+        self.policy.eval()
+        try:
+            yield
+        finally:
+            self.policy.train()
+            if isinstance(self.engine, VllmEngine):
+                self.engine.sleep()
+
     def balance(self, samples: list[Sample]) -> list[Sample]:
-        """Re-split all data-parallel ranks' samples so every rank gets the same workload."""
-        if self.dp == 1:
+        """Re-split the step's samples (generated by every rollout rank) so every data-parallel rank gets
+        the same workload; tensor- and pipeline-parallel ranks of one replica get the same samples."""
+        if self.rollout_size == 1:
             return samples
-        gathered: list[list[Sample] | None] = [None] * self.dp
-        dist.all_gather_object(gathered, samples, group=self.dp_group)
+        gathered: list[list[Sample] | None] = [None] * self.rollout_size
+        dist.all_gather_object(gathered, samples, group=self.rollout_group)
         everything = [s for part in gathered for s in part]
         groups = packing.balance([s.num_inputs for s in everything], self.dp, equal_size=True)
         return [everything[i] for i in groups[self.dp_rank]]
@@ -316,8 +352,13 @@ class Trainer:
         with torch.no_grad():
             results = parallel.forward_backward(model, mbs, fn, forward_only=True)
         model.train()
-        for b, r in zip(mbs, results, strict=True):
+        # The results exist on the last pipeline stage only.
+        for b, r in zip(mbs if parallel.is_last_stage() else [], results, strict=True):
             out[b["rows"].cpu()] = r.float().cpu()
+        if parallel.pp_size() > 1:  # the last stage computed them; every stage needs them for GAE and logging
+            buf = out.to(self.device)
+            dist.broadcast(buf, src=parallel.last_stage_rank(), group=parallel.pp_group())
+            out = buf.cpu()
         return out
 
     def _critic_values(self, samples, offsets) -> torch.Tensor:
@@ -360,6 +401,10 @@ class Trainer:
             skipped += int(res["skipped"])
             for key, val in _reduce_stats(stats, self.dp_group).items():
                 totals[key] = totals.get(key, 0.0) + val
+        if parallel.pp_size() > 1:  # the losses' stats exist on the last stage only
+            box = [totals]
+            dist.broadcast_object_list(box, src=parallel.last_stage_rank(), group=parallel.pp_group())
+            totals = box[0]
         return totals, float(np.mean(norms)), float(skipped)
 
     def advantages(self, samples: list[Sample], offsets: torch.Tensor, values: torch.Tensor | None):
@@ -541,6 +586,31 @@ class Trainer:
         metrics |= peak_memory_gb()
         return metrics
 
+    def evaluate(self) -> dict[str, float]:
+        """The policy on every ``eval.data`` set (all ranks run it; data-parallel replicas repeat it):
+        ``eval/<set>/...`` metrics; rank 0 writes the per-problem results under ``OUT/eval/step-N/``."""
+        r, metrics = self.cfg.rollout, {}
+        out_dir = self.out / "eval" / f"step-{self.step:08d}" if self.is_logger else None
+        with self.engine_ready():
+            for name, problems in self.eval_sets:
+                report = evaluate(
+                    self.engine,
+                    self.tokenizer,
+                    problems,
+                    samples=self.cfg.eval.samples,
+                    max_tokens=r.max_tokens,
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    stop=r.stop,
+                    template=self.cfg.data.template,
+                    seed=self.cfg.train.seed * 1_000_003 + self.step,
+                    scorer=self.scorer,
+                    dataset=name,
+                    out_dir=out_dir,
+                )
+                metrics |= report.metrics()
+        return metrics
+
     def run(self) -> None:
         """Train until ``train.steps`` (plus the annealing stage), checkpointing every ``ckpt.every`` steps."""
         cfg = self.cfg
@@ -554,6 +624,8 @@ class Trainer:
             while self.step < total:
                 metrics = self.train_step()
                 self.step += 1
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    metrics |= self.evaluate()
                 self.metrics.log(self.step, metrics)
                 if bar is not None:
                     bar.update(1)
@@ -572,6 +644,16 @@ class Trainer:
                 bar.close()
             self.metrics.close()
             self.scorer.close()
+
+
+@torch.no_grad()
+def copy_trunk(policy: torch.nn.Module, critic: torch.nn.Module) -> None:
+    """Copy the policy's trunk parameters (embedding, layers, final norm: same names, same shards) into
+    the critic; the critic's value head keeps its own initialisation."""
+    source = dict(policy.named_parameters())
+    for name, p in critic.named_parameters():
+        if name in source:
+            p.copy_(source[name])
 
 
 def _reduce_stats(stats: list[dict], group) -> dict[str, float]:

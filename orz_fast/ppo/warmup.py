@@ -37,7 +37,7 @@ def format_warmup(
         return []
     rng = np.random.default_rng([seed, 17])
     answers = [p.problem.answer for p in prompts]
-    device = policy.output_weight.device
+    device = next(policy.parameters()).device
     opt = ShardedAdamW(
         policy.parameters(),
         lr=lr,

@@ -26,8 +26,11 @@ One ``generate`` call:
 
 The same code runs on CPU and CUDA (flash-attn's varlen kernel for prefill when installed,
 SDPA otherwise; decode gathers each sequence's blocks and runs SDPA with a length mask).
-Not done: CUDA-graph capture of decode steps, and pipeline parallelism (a ``pp > 1``
-model is refused).
+Tensor parallelism: each rank decodes with its own shards (row-parallel outputs all-reduced).
+Pipeline parallelism: each stage keeps the KV cache of its own layers and passes the step's
+activation [T, H] to the next stage; the last stage samples and broadcasts the tokens back, so
+every rank runs the same scheduler. The stages take turns (no micro-batch overlap within a step).
+Not done: CUDA-graph capture of decode steps.
 """
 
 from __future__ import annotations
@@ -144,7 +147,8 @@ class NativeEngine:
     """Generates with the policy module's own parameters through a paged KV cache.
 
     Args:
-        model: this rank's :class:`~orz_fast.models.PolicyModel` (pipeline-parallel size 1).
+        model: this rank's :class:`~orz_fast.models.PolicyModel` shard (any TP x PP layout; the
+            stages of one pipeline pass activations and the last one samples).
         tokenizer: Hugging Face tokenizer; needed for stop strings and for ``Completion.text``.
         kv_cache_bytes: KV cache budget per rank. ``None``: ``gpu_memory_utilization`` of the
             free CUDA memory at the start of each ``generate``, or ``DEFAULT_CPU_KV_CACHE_BYTES``
@@ -173,11 +177,6 @@ class NativeEngine:
     ) -> None:
         if not isinstance(model, PolicyModel):
             raise TypeError(f"NativeEngine needs an orz_fast PolicyModel, got {type(model).__name__}")
-        if parallel.pp_size() > 1:
-            raise ValueError(
-                f"NativeEngine runs pipeline-parallel size 1 only, got pp={parallel.pp_size()}; "
-                "use a tensor-parallel-only layout for rollout"
-            )
         _check_plain_tp_linears(model)
         if kv_cache_bytes is not None and kv_cache_bytes < 1:
             raise ValueError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
@@ -207,9 +206,14 @@ class NativeEngine:
         self.max_model_len = int(max_model_len)
         self.tp = parallel.tp_size()
         self._tp_group = parallel.tp_group() if self.tp > 1 else None
+        self.pp = parallel.pp_size()
+        # Every rank of the replica (all TP ranks of all stages) runs the same scheduler on the same
+        # tokens; the last stage samples them and broadcasts them along the pipeline.
+        self._mp_group = parallel.mp_group() if self.tp * self.pp > 1 else None
         self.kv_heads = model.layers[0].kv_heads
-        self.dtype = model.norm.weight.dtype
-        self.device = model.norm.weight.device
+        first_param = next(model.layers[0].parameters())
+        self.dtype = first_param.dtype
+        self.device = first_param.device
         self.last_stats: dict[str, int] = {}
         """Counters of the last ``generate``: steps, prefill/decode tokens, preemptions, KV blocks."""
 
@@ -301,10 +305,9 @@ class NativeEngine:
         if not missing:
             return
         drawn = torch.randint(0, 1 << 62, (len(missing),), dtype=torch.int64)
-        if self.tp > 1:
-            group = parallel.tp_group()
+        if self._mp_group is not None:
             buf = drawn.to(self.device)
-            dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+            dist.broadcast(buf, src=dist.get_global_rank(self._mp_group, 0), group=self._mp_group)
             drawn = buf.cpu()
         for r, s in zip(missing, drawn.tolist(), strict=True):
             r.seed = s
@@ -327,9 +330,9 @@ class NativeEngine:
         else:
             budget = DEFAULT_CPU_KV_CACHE_BYTES
         budget_blocks = budget // per_block
-        if self.tp > 1:  # every rank must schedule identically, so all use the smallest budget
+        if self._mp_group is not None:  # every rank must schedule identically, so all use the smallest budget
             t = torch.tensor([budget_blocks], dtype=torch.int64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=parallel.tp_group())
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._mp_group)
             budget_blocks = int(t.item())
         longest = max(requests, key=lambda r: r.max_len)
         need_one = _cdiv(longest.max_len, bs)
@@ -499,36 +502,60 @@ class NativeEngine:
         if copies:
             src, dst = torch.tensor(copies, dtype=torch.int64, device=dev).unbind(1)
             cache.copy_blocks(src, dst)
+        seqs = [s for pf in prefills for s in pf.seqs] + decodes
+        if logits is None:  # an earlier pipeline stage: the last one samples
+            return self._receive_samples(len(seqs))
 
         # Sampling rows: a prefill's last logits row serves each of its sequences.
         row_of = [i for i, pf in enumerate(prefills) for _ in pf.seqs] + [
             len(prefills) + j for j in range(len(decodes))
         ]
-        seqs = [s for pf in prefills for s in pf.seqs] + decodes
         if len(row_of) != logits.shape[0]:
             logits = logits[torch.tensor(row_of, device=dev)]
         params = [s.request.params for s in seqs]
-        # Both paths sync the host once per step: the scheduler needs the tokens to decide who stops.
         if all(p.temperature == 0 for p in params):
             # All rows greedy (known on the host): argmax, skipping the sampler's CDF over the vocabulary.
             tokens = logits.argmax(dim=-1)
             logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            return tokens.tolist(), logprobs.tolist()
-        tokens, logprobs = sample_tokens(
-            logits,
-            torch.tensor([p.temperature for p in params], device=dev),
-            torch.tensor([p.top_p for p in params], device=dev),
-            torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
-            torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
-            torch.tensor([len(s.tokens) for s in seqs], dtype=torch.int64, device=dev),
-        )
+        else:
+            tokens, logprobs = sample_tokens(
+                logits,
+                torch.tensor([p.temperature for p in params], device=dev),
+                torch.tensor([p.top_p for p in params], device=dev),
+                torch.tensor([p.top_k for p in params], dtype=torch.int64, device=dev),
+                torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev),
+                torch.tensor([len(s.tokens) for s in seqs], dtype=torch.int64, device=dev),
+            )
+        if self.pp > 1:
+            self._send_samples(tokens, logprobs)
+        # One host sync per step: the scheduler needs the tokens to decide who stops.
         return tokens.tolist(), logprobs.tolist()
 
+    def _send_samples(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """Last stage: broadcast the step's tokens and log-probs (float64 [2, R]; ids < 2**53 are exact)."""
+        both = torch.stack((tokens.double(), logprobs.double()))
+        dist.broadcast(both, src=parallel.last_stage_rank(), group=parallel.pp_group())
+
+    def _receive_samples(self, rows: int) -> tuple[list[int], list[float]]:
+        """Earlier stages: the last stage's tokens and log-probs of this step."""
+        both = torch.empty(2, rows, dtype=torch.float64, device=self.device)
+        dist.broadcast(both, src=parallel.last_stage_rank(), group=parallel.pp_group())
+        return both[0].long().tolist(), both[1].tolist()
+
     def _forward(self, cache, input_ids, pos, slots, segs, num_prefill, block_tables, context_lens, rows):
-        """Logits [R, V] (gathered over TP) at ``rows`` of the packed tokens; writes their K/V into ``cache``."""
+        """Logits [R, V] (gathered over TP) at ``rows`` of the packed tokens; writes their K/V into ``cache``.
+
+        With pipeline parallelism each stage runs its own layers on the activation [T, H] received
+        from the previous stage and sends its output on; only the last stage returns logits (None
+        elsewhere).
+        """
         model, spec = self.model, self.model.spec
         d = spec.head_dim
-        x = model.embed(input_ids)
+        if model.is_first_stage:
+            x = model.embed(input_ids)
+        else:
+            x = torch.empty(input_ids.shape[0], spec.hidden_size, dtype=self.dtype, device=self.device)
+            dist.recv(x, src=parallel.stage_rank(-1))
         cos, sin = rope_cos_sin(pos, d, spec.rope_theta, x.dtype)
         t = x.shape[0]
         for i, layer in enumerate(model.layers):
@@ -546,6 +573,9 @@ class NativeEngine:
             x = x + _row(layer.o_proj, attn.reshape(t, -1), self._tp_group)
             gate, up = _column(layer.gate_up, layer.post_attention_layernorm(x)).chunk(2, dim=-1)
             x = x + _row(layer.down, F.silu(gate) * up, self._tp_group)
+        if not model.is_last_stage:
+            dist.send(x.contiguous(), dst=parallel.stage_rank(1))
+            return None
         return model.logits(model.norm(x[rows]))
 
     # ------------------------------------------------------------------ stopping
