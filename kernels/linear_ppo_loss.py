@@ -44,6 +44,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         tp_group,
         use_triton,
         chunk_tokens,
+        entropy,
     ):
         T, H = hidden.shape
         V = weight.shape[0]
@@ -60,22 +61,25 @@ class LinearPPOLossFunction(torch.autograd.Function):
             torch.empty(T, H, dtype=torch.float32 if tp else hidden.dtype, device=hidden.device) if need_dh else None
         )
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        # sums of: loss, clipped, approx KL, ratio; then ratio min and max
-        sums = torch.zeros(4, dtype=torch.float32, device=hidden.device)
+        # sums of: loss, clipped, approx KL, ratio, entropy; then ratio min and max
+        sums = torch.zeros(5, dtype=torch.float32, device=hidden.device)
         ratio_min = torch.full((), torch.inf, dtype=torch.float32, device=hidden.device)
         ratio_max = torch.full((), -torch.inf, dtype=torch.float32, device=hidden.device)
         for t0 in range(0, T, Tc):
             sl = slice(t0, t0 + Tc)
             logits = hidden[sl] @ weight.T
             lse, mu, logp = combine_vocab_stats(
-                row_stats(logits, targets[sl], vocab_start, inv_temp, False, use_triton), tp_group
+                row_stats(logits, targets[sl], vocab_start, inv_temp, entropy, use_triton), tp_group
             )
             loss_t, grad_t, is_clipped, kl_t, ratio = policy_loss_terms(
                 logp, old_logprobs[sl].float(), advantages[sl].float(), clip_low, clip_high
             )
             m = mask_f[sl]
             on = m != 0
-            sums += torch.stack([(loss_t * m).sum(), (is_clipped * m).sum(), (kl_t * m).sum(), (ratio * m).sum()])
+            ent_sum = ((lse - mu) * m).sum() if entropy else torch.zeros_like(count)
+            sums += torch.stack(
+                [(loss_t * m).sum(), (is_clipped * m).sum(), (kl_t * m).sum(), (ratio * m).sum(), ent_sum]
+            )
             ratio_min = torch.minimum(ratio_min, torch.where(on, ratio, torch.inf).amin())
             ratio_max = torch.maximum(ratio_max, torch.where(on, ratio, -torch.inf).amax())
             if need_dh or need_dw:
@@ -96,6 +100,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
             torch.where(has, ratio_min, zero),
             torch.where(has, ratio_max, zero),
             count,
+            sums[4] * inv_count,
         )
         ctx.mark_non_differentiable(*stats)
         return sums[0] * inv_count, *stats
@@ -106,7 +111,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = (dhidden.float() * grad_loss).to(h_dtype) if dhidden is not None else None
         dw = (dweight * grad_loss).to(w_dtype) if dweight is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_ppo_loss_chunked(
@@ -123,8 +128,11 @@ def linear_ppo_loss_chunked(
     tp_group: dist.ProcessGroup | None = None,
     use_triton: bool = True,
     chunk_tokens: int | None = None,
+    return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped loss (0-dim fp32) and stats from ``hidden [T, H]``, ``weight [V, H]``, ``targets [T]``."""
+    """PPO clipped loss (0-dim fp32) and stats from ``hidden [T, H]``, ``weight [V, H]``, ``targets [T]``;
+    with ``return_entropy`` the stats also hold ``entropy``, the masked token mean of the policy's
+    entropy (a metric: no gradient flows through it), from the same pass over the logits."""
     loss, *stats = LinearPPOLossFunction.apply(
         hidden,
         weight,
@@ -138,5 +146,10 @@ def linear_ppo_loss_chunked(
         tp_group,
         use_triton,
         chunk_tokens,
+        return_entropy,
     )
-    return loss, dict(zip(STAT_NAMES, stats, strict=True))
+    *stats, entropy = stats
+    out = dict(zip(STAT_NAMES, stats, strict=True))
+    if return_entropy:
+        out["entropy"] = entropy
+    return loss, out

@@ -98,9 +98,9 @@ class PPOConfig:
     """Critic optimizer steps (shuffled mini-batches) per rollout."""
     micro_batch_tokens: int = 16384
     """Token budget of one packed micro-batch (gradient accumulation unit)."""
-    fused_loss: bool = False
-    """Policy loss through ``orz_fast.ops.linear_ppo_loss`` (no separate log-prob pass, no entropy metric)
-    instead of ``linear_logprobs`` + ``ppo_policy_loss``."""
+    fused_loss: bool = True
+    """Policy loss through ``orz_fast.ops.linear_ppo_loss`` (gradients made in the forward: three GEMMs
+    over the LM head instead of four) instead of ``linear_logprobs`` + ``ppo_policy_loss``."""
 
 
 @dataclass(kw_only=True)

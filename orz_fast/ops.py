@@ -252,6 +252,7 @@ def linear_ppo_loss(
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     tp_group: dist.ProcessGroup | None = None,
+    return_entropy: bool = False,
     backend: Backend = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``ppo_policy_loss(linear_logprobs(hidden, weight, targets), ...)`` fused, gradients made in the forward.
@@ -261,8 +262,9 @@ def linear_ppo_loss(
             ``linear_logprobs``; old_logprobs, advantages: [T] float; mask: [T] bool or float.
 
     Returns:
-        (loss 0-dim float32, stats) with the same stats as ``ppo_policy_loss``. Its backward
-        needs no recomputation: dhidden and dweight are made in the forward (three GEMMs).
+        (loss 0-dim float32, stats) with the same stats as ``ppo_policy_loss``, plus ``entropy``
+        (masked token mean, fp32, no gradient) when ``return_entropy``. Its backward needs no
+        recomputation: dhidden and dweight are made in the forward (three GEMMs).
     """
     _check_linear("linear_ppo_loss", hidden, weight, targets, temperature)
     _check_tokens(
@@ -282,4 +284,5 @@ def linear_ppo_loss(
         clip_high=clip_eps if clip_eps_high is None else clip_eps_high,
         tp_group=tp_group,
         use_triton=_use_triton(backend, hidden),
+        return_entropy=return_entropy,
     )

@@ -126,12 +126,26 @@ def test_linear_ppo_loss(backend, dtype, mask_kind):
         assert got[0].item() == 0.0 and not got[2].any() and not got[3].any()
 
     # the same loss as ops.ppo_policy_loss on top of ops.linear_logprobs, stats included
-    loss, stats = ops.linear_ppo_loss(hidden, weight, targets, old, adv, mask, temperature=0.8, **kw, backend=backend)
-    logp = ops.linear_logprobs(hidden, weight, targets, temperature=0.8, backend=backend)
+    loss, stats = ops.linear_ppo_loss(
+        hidden, weight, targets, old, adv, mask, temperature=0.8, **kw, return_entropy=True, backend=backend
+    )
+    logp, ent = ops.linear_logprobs(hidden, weight, targets, temperature=0.8, return_entropy=True, backend=backend)
     loss2, stats2 = ops.ppo_policy_loss(logp, old, adv, mask, **kw, backend=backend)
     torch.testing.assert_close(loss, loss2.float(), rtol=1e-5, atol=1e-6)
     for name, value in stats2.items():
         torch.testing.assert_close(stats[name], value.float(), rtol=1e-5, atol=1e-6)
+    # the entropy metric: the masked token mean of linear_logprobs' entropy (0 with an empty mask),
+    # and in fp32 of the float64 reference's
+    m = mask.double()
+    torch.testing.assert_close(
+        stats["entropy"].double(), (ent.double() * m).sum() / m.sum().clamp(min=1.0), rtol=1e-5, atol=1e-6
+    )
+    if dtype == torch.float32:
+        ref_ent = linear_logprobs_ref(hidden.double(), weight.double(), targets, 0.8, return_entropy=True)[1]
+        want = (ref_ent * m).sum() / m.sum().clamp(min=1.0)
+        torch.testing.assert_close(stats["entropy"].double(), want, rtol=1e-5, atol=1e-6)
+    assert mask_kind == "empty" or stats["entropy"] > 0.1
+    assert "entropy" not in ops.linear_ppo_loss(hidden, weight, targets, old, adv, mask, backend=backend)[1]
 
 
 def test_linear_logprobs_strided_inputs_and_expanded_grads():

@@ -50,10 +50,16 @@ def _compute(weight_part, tp_group, backend):
         h = hidden.clone().requires_grad_()
         w = weight_part.clone().requires_grad_()
         loss, stats = ops.linear_ppo_loss(
-            h, w, targets, old, adv, mask, temperature=TEMPERATURE, tp_group=tp_group, backend=b
+            h, w, targets, old, adv, mask, temperature=TEMPERATURE, tp_group=tp_group, return_entropy=True, backend=b
         )
         loss.backward()
-        out[b].update(loss=loss.detach(), clipfrac=stats["clipfrac"], ppo_dhidden=h.grad, ppo_dweight=w.grad)
+        out[b].update(
+            loss=loss.detach(),
+            clipfrac=stats["clipfrac"],
+            ppo_entropy=stats["entropy"],
+            ppo_dhidden=h.grad,
+            ppo_dweight=w.grad,
+        )
     return out
 
 
@@ -97,7 +103,7 @@ def test_vocab_parallel_matches_whole_vocab(ranks, backend):
     tol = dict(rtol=1e-5, atol=1e-5)
     for r, res in enumerate(ranks):
         got = res[backend]
-        for name in ("logp", "entropy", "dhidden", "loss", "clipfrac", "ppo_dhidden"):
+        for name in ("logp", "entropy", "dhidden", "loss", "clipfrac", "ppo_entropy", "ppo_dhidden"):
             torch.testing.assert_close(got[name], whole[name], **tol, msg=f"rank {r} {name}")
         for name in ("dweight", "ppo_dweight"):
             torch.testing.assert_close(got[name], whole[name].chunk(WORLD, dim=0)[r], **tol, msg=f"rank {r} {name}")

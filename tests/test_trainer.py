@@ -279,11 +279,19 @@ def test_nan_step_is_skipped_and_training_continues(trainer):
     json.dumps({k: v for k, v in metrics.items()})  # loggable
 
 
-def test_several_policy_updates_and_fused_loss(tmp_path):
-    run(train_cmd(tmp_path, "train.steps=2", "ppo.policy_updates_per_step=2", "ppo.fused_loss=true"))
-    records = read_metrics(Path(tmp_path) / "metrics.jsonl")
-    assert len(records) == 2 and "entropy" not in records[0]
-    assert records[0]["policy_steps_skipped"] == 0 and records[0]["policy_grad_norm"] > 0
+def test_fused_and_unfused_policy_loss_agree_over_several_updates(tmp_path):
+    """``linear_ppo_loss`` (default) and ``linear_logprobs`` + ``ppo_policy_loss`` give the same run."""
+    for fused in ("true", "false"):
+        run(train_cmd(tmp_path / fused, "train.steps=2", "ppo.policy_updates_per_step=2", f"ppo.fused_loss={fused}"))
+    fused, unfused = (deterministic(read_metrics(tmp_path / f / "metrics.jsonl")) for f in ("true", "false"))
+    assert len(fused) == 2 and fused[0]["policy_steps_skipped"] == 0 and fused[0]["policy_grad_norm"] > 0
+    for a, b in zip(fused, unfused, strict=True):
+        assert a.keys() == b.keys() and "entropy" in a
+        for key in a:
+            if isinstance(b[key], str):
+                assert a[key] == b[key], key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_grpo_variant_runs_without_critic(tmp_path):

@@ -443,8 +443,9 @@ class Trainer:
                     clip_eps=p.clip_eps,
                     clip_eps_high=p.clip_eps_high,
                     tp_group=self.tp_group,
+                    return_entropy=True,
                 )
-                entropy = None
+                entropy_sum = stats["entropy"] * h.shape[0]
             else:
                 logp, entropy = ops.linear_logprobs(
                     h, weight, b["targets"], temperature=temperature, tp_group=self.tp_group, return_entropy=True
@@ -457,15 +458,15 @@ class Trainer:
                     clip_eps=p.clip_eps,
                     clip_eps_high=p.clip_eps_high,
                 )
+                entropy_sum = entropy.detach().sum()
             n = b["targets"].numel()
             out = {
                 "policy_loss_sum": loss.detach() * n,
                 "clipfrac_sum": stats["clipfrac"] * n,
                 "approx_kl_sum": stats["approx_kl"] * n,
                 "tokens": float(n),
+                "entropy_sum": entropy_sum,
             }
-            if entropy is not None:
-                out["entropy_sum"] = entropy.detach().sum()
             return loss * (n * scale), out
 
         return loss_fn
