@@ -1,10 +1,10 @@
-# orz_fast: make test | make bench | make lint
+# orz_fast: make test | make demo | make bench | make lint
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orz_fast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test bench lint clean
+.PHONY: install test demo bench lint clean
 
 install: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): $(SOURCES)
 
 test: install
 	$(PY) -m pytest tests/
+
+# The CPU demo starts over in runs/demo: about 4 minutes on 2 cores after the install.
+demo: install
+	rm -rf runs/demo
+	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.train --preset demo --out runs/demo
+	$(PY) -m orz_fast.plot runs/demo
 
 bench: install
 	$(PY) -m pytest benchmarks/

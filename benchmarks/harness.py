@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from regression_guard import Better, GuardResult, check_baseline, resolve_ratios
 
+from orz_fast.plan import QWEN25_SHAPES
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE_DIR = RESULTS_DIR / "baselines"
 UPDATE_BASELINE = False
@@ -32,31 +34,23 @@ UPDATE_BASELINE = False
 GUARD_RESULTS: list[GuardResult] = []
 """This session's guard outcomes, listed in pytest's terminal summary (conftest.py)."""
 
-_QWEN25_COMMON = {
+QWEN25_0P5B = QWEN25_SHAPES["Qwen/Qwen2.5-0.5B"]
+"""Qwen2.5-0.5B's architecture (random weights in the GPU benchmarks)."""
+QWEN25_1P5B = QWEN25_SHAPES["Qwen/Qwen2.5-1.5B"]
+"""Qwen2.5-1.5B's architecture (random weights in the GPU benchmarks)."""
+SMALL_QWEN2 = {
     "model_type": "qwen2",
-    "vocab_size": 151936,
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
     "tie_word_embeddings": True,
 }
-QWEN25_0P5B = {
-    **_QWEN25_COMMON,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-}
-"""Qwen2.5-0.5B's architecture (random weights in the GPU benchmarks)."""
-QWEN25_1P5B = {
-    **_QWEN25_COMMON,
-    "hidden_size": 1536,
-    "intermediate_size": 8960,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 12,
-}
-"""Qwen2.5-1.5B's architecture (random weights in the GPU benchmarks)."""
+"""The small Qwen2-shaped model of the CPU rollout and end-to-end benchmarks."""
 
 
 def hardware_class() -> str:

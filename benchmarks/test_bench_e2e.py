@@ -41,25 +41,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import QWEN25_0P5B, write_result
+from harness import QWEN25_0P5B, SMALL_QWEN2, write_result
 
 from orz_fast.data import render_prompt, synthetic_problems
 
 CUDA = torch.cuda.is_available()
 BENCH_DIR = Path(__file__).resolve().parent
 
-CPU_ARCH = {
-    "model_type": "qwen2",
-    "vocab_size": 8192,
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
-}
+CPU_ARCH = SMALL_QWEN2
 WORKLOAD = {
     # the model, batch and lengths of one PPO step; a micro-batch holds micro_batch_samples samples
     "arch": QWEN25_0P5B if CUDA else CPU_ARCH,

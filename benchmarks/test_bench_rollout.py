@@ -25,24 +25,14 @@ import tempfile
 
 import pytest
 import torch
-from harness import QWEN25_0P5B, QWEN25_1P5B, median_time, write_result
+from harness import QWEN25_0P5B, QWEN25_1P5B, SMALL_QWEN2, median_time, write_result
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from orz_fast import parallel
 from orz_fast.models import build_model, load_pretrained
 from orz_fast.rollout import NativeEngine, SamplingParams
 
-CPU_ARCH = {
-    "model_type": "qwen2",
-    "vocab_size": 8192,
-    "hidden_size": 256,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "tie_word_embeddings": True,
-}
+CPU_ARCH = SMALL_QWEN2
 CPU_WORKLOADS = {
     # name: (prompts, prompt length range, samples per prompt, new tokens, temperature)
     "rl": (8, (64, 256), 8, 64, 1.0),

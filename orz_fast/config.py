@@ -299,17 +299,25 @@ def _small(arch: dict[str, Any], *, steps: int, prompts: int, samples: int, max_
 
 
 def _demo() -> Config:
-    """A random 4-layer model on single-digit addition: format warm-up, then PPO (see README, "Missing")."""
+    """``make demo``: a random 4-layer model learns ``a>b?`` (single digits, yes/no) by PPO on 2 CPU cores.
+
+    A format warm-up on *other* problems' answers teaches ``<answer>yes|no</answer>`` only, so RL
+    starts at chance (about 0.4 with truncations). Then the ORZ recipe (GAE, λ = γ = 1, no KL); the
+    policy lr is 3e-4 and the critic takes 4 steps per rollout: at 1e-3 with 2 critic steps the
+    critic's noise collapsed the policy's entropy before it learned (see README, "Training demo")."""
     cfg = _small(
         {**_TINY_ARCH, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4},
-        steps=150,
+        steps=200,
         prompts=32,
         samples=8,
         max_tokens=8,
     )
+    cfg.data.synthetic = "comparison"
+    cfg.optim.policy_lr = 3e-4
+    cfg.ppo.critic_updates_per_step = 4
     cfg.rollout.stop = ["</answer>"]
     cfg.train.format_warmup_steps = 40
-    cfg.ckpt.every = 25
+    cfg.ckpt.every = 50
     return cfg
 
 

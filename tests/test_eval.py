@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from orz_fast import eval as ev
 from orz_fast.data import Problem
@@ -34,13 +33,7 @@ TINY_LLAMA = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode-sized matmuls on 2 shared cores: an OpenMP barrier waiting on a descheduled peer costs ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -56,13 +56,7 @@ def make_prompts(lengths, vocab, seed=0):
 PROMPTS = make_prompts([5, 31, 12, 1, 20], 256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode-sized matmuls on 2 shared cores: an OpenMP barrier waiting on a descheduled peer costs ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,13 +15,7 @@ from orz_fast import parallel
 WORKER = Path(__file__).resolve().parent / "rollout_tp_worker.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decode-sized matmuls on 2 shared cores: an OpenMP barrier waiting on a descheduled peer costs ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ from orz_fast import parallel
 from orz_fast.models.attention import PackedSegments, packed_causal_attention
 from orz_fast.models.decoder import PolicyModel, apply_rope, rope_cos_sin
 from orz_fast.rollout.kv_cache import BlockAllocator, PagedKVCache, paged_decode_attention
-from orz_fast.rollout.sampling import Completion, SamplingParams, find_stop, sample_tokens
+from orz_fast.rollout.sampling import Completion, SamplingParams, find_stop, params_per_prompt, sample_tokens
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 """KV budget on CPU when ``kv_cache_bytes`` is not given (only what the requests can use is allocated)."""
@@ -255,18 +255,10 @@ class NativeEngine:
     # ------------------------------------------------------------------ setup
 
     def _make_requests(self, prompts, params) -> list[_Request]:
-        if not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
-            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
-            raise ValueError(f"params must be a SamplingParams or a list of {len(prompts)} of them, got {got}")
+        params = params_per_prompt(prompts, params)
         vocab = self.model.spec.vocab_size
         requests = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            if not isinstance(p, SamplingParams):
-                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
             if not isinstance(prompt, (list, tuple)):
                 raise ValueError(f"prompt {i} must be a list of token ids, got {type(prompt).__name__}")
             if len(prompt) == 0:

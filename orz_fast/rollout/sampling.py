@@ -11,7 +11,7 @@ per row, not a ``[B, V]`` noise tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -152,3 +152,19 @@ def find_stop(text: str, stops: list[str], start: int = 0) -> int:
         if i != -1 and (best_begin == -1 or i < best_begin):
             best_begin, best_end = i, i + len(s)
     return best_end
+
+
+def params_per_prompt(prompts: Any, params: Any) -> list[SamplingParams]:
+    """Check an engine's ``generate(prompts, params)`` arguments; returns one :class:`SamplingParams` per
+    prompt (``params`` may be one for all). Raises ValueError naming what is wrong."""
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if isinstance(params, SamplingParams):
+        return [params] * len(prompts)
+    if not isinstance(params, (list, tuple)) or len(params) != len(prompts):
+        got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
+        raise ValueError(f"params must be a SamplingParams or a list of {len(prompts)} of them, got {got}")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+    return list(params)

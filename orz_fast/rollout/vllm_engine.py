@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 
 from orz_fast.models.decoder import PolicyModel
-from orz_fast.rollout.sampling import Completion, SamplingParams
+from orz_fast.rollout.sampling import Completion, SamplingParams, params_per_prompt
 from orz_fast.rollout.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     IpcBucketSender,
@@ -249,17 +249,9 @@ class VllmEngine:
             raise RuntimeError(f"the engine is asleep ({sorted(self.asleep)}); call wake_up() first")
         if not self.weights_valid:
             raise RuntimeError("the engine holds no policy weights (dummy or discarded by sleep); call update_weights")
-        if not isinstance(prompts, (list, tuple)):
-            raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
-            got = len(params) if isinstance(params, (list, tuple)) else type(params).__name__
-            raise ValueError(f"params must be a SamplingParams or a list of {len(prompts)} of them, got {got}")
+        params = params_per_prompt(prompts, params)
         requests, vllm_params = [], []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-            if not isinstance(p, SamplingParams):
-                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
             if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r:.80}")
             if p.stop and not self.has_tokenizer:
