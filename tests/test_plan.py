@@ -161,7 +161,9 @@ def test_cli_table_and_json(capsys):
 
 
 def test_predicted_peak_matches_a_measured_cpu_step(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # A clean environment: what earlier tests left in os.environ must not change the measured process.
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
+    env = {**keep, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-W", "ignore", str(WORKER), str(tmp_path / "run"), *MEASURED_OVERRIDES],
         capture_output=True,
