@@ -1,9 +1,6 @@
 """The scale planner: layouts, the memory model against hand counts and a measured CPU step, the ORZ plans."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -158,22 +155,3 @@ def test_cli_table_and_json(capsys):
     assert main(["--model", "orz-7b", "--gpus", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["recommended"] == data["layouts"][0]["layout"]
-
-
-def test_predicted_peak_matches_a_measured_cpu_step(tmp_path):
-    # A clean environment: what earlier tests left in os.environ must not change the measured process.
-    keep = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
-    env = {**keep, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(
-        [sys.executable, "-W", "ignore", str(WORKER), str(tmp_path / "run"), *MEASURED_OVERRIDES],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["truncated_fraction"] == 1.0  # the worst-case lengths the planner assumes
-    measured = result["peak_bytes"] - result["baseline_bytes"]
-    predicted = plan("tiny", 1, device="cpu", overrides=MEASURED_OVERRIDES).layouts[0].peak
-    assert abs(predicted - measured) <= 0.2 * measured, (predicted, measured)
