@@ -10,13 +10,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from orz_fast.plan import plan
 
-from test_plan import MEASURED_OVERRIDES  # noqa: E402
+WORKER = Path(__file__).with_name("plan_peak_worker.py")
 
-from orz_fast.plan import plan  # noqa: E402
-
-WORKER = Path(__file__).resolve().parents[1] / "tests" / "plan_peak_worker.py"
+# A model whose weights, optimizer states and activations all weigh in (fp32 on CPU), small enough
+# for a PPO step in seconds; greedy sampling from random weights runs every response to max_tokens,
+# and every prompt of the tiny preset's task is 16 tokens, so the planner's worst case is the real case.
+MEASURED_ARCH = {
+    "model_type": "qwen2",
+    "vocab_size": 128,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+MEASURED_OVERRIDES = [
+    "model.arch=" + json.dumps(MEASURED_ARCH),
+    "rollout.prompts_per_step=4",
+    "rollout.samples_per_prompt=8",
+    "rollout.max_tokens=32",
+    "rollout.temperature=0",
+    "data.max_prompt_tokens=16",
+]
 
 
 def test_predicted_peak_matches_a_measured_cpu_step(tmp_path):

@@ -1,7 +1,6 @@
 """The scale planner: layouts, the memory model against hand counts and a measured CPU step, the ORZ plans."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -18,32 +17,6 @@ from orz_fast.plan import (
     resolve_model,
     stage_param_numels,
 )
-
-WORKER = Path(__file__).with_name("plan_peak_worker.py")
-
-# A model whose weights, optimizer states and activations all weigh in (fp32 on CPU), small enough
-# for a PPO step in seconds; greedy sampling from random weights runs every response to max_tokens,
-# and every prompt of the tiny preset's task is 16 tokens, so the planner's worst case is the real case.
-MEASURED_ARCH = {
-    "model_type": "qwen2",
-    "vocab_size": 128,
-    "hidden_size": 768,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 1024,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
-MEASURED_OVERRIDES = [
-    "model.arch=" + json.dumps(MEASURED_ARCH),
-    "rollout.prompts_per_step=4",
-    "rollout.samples_per_prompt=8",
-    "rollout.max_tokens=32",
-    "rollout.temperature=0",
-    "data.max_prompt_tokens=16",
-]
 
 
 def test_layouts_of_8_gpus_multiply_to_8():

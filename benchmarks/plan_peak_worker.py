@@ -1,6 +1,6 @@
-"""Measures the peak memory of one real PPO step on CPU, for ``tests/test_plan.py``.
+"""Measures the peak memory of one real PPO step on CPU, for ``benchmarks/test_bench_plan.py``.
 
-``python tests/plan_peak_worker.py OUT_DIR [a.b=VALUE ...]`` builds the ``tiny`` preset's
+``python benchmarks/plan_peak_worker.py OUT_DIR [a.b=VALUE ...]`` builds the ``tiny`` preset's
 trainer with the overrides, runs one ``train_step`` and prints one JSON line with
 ``baseline_bytes``, ``peak_bytes``, ``response_length_mean`` and ``truncated_fraction``.
 The baseline is the resident set after every import, before any model is built; the
