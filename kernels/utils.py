@@ -1,10 +1,9 @@
 """Helpers shared by the Triton kernels in ``orz_fast.kernels``.
 
-Triton decides whether a kernel is compiled or run by its interpreter when ``@triton.jit``
-decorates it, by reading ``TRITON_INTERPRET`` at that moment. A machine without CUDA has no
-compiled backend at all, so there the interpreter is switched on here, before any kernel module
-is imported (the package ``__init__`` imports this module first, and every kernel file imports
-it before defining kernels). An explicit ``TRITON_INTERPRET`` from the environment is kept.
+Triton decides whether a kernel is compiled or run by its interpreter from ``TRITON_INTERPRET``.
+A machine without CUDA has no compiled backend at all; there ``orz_fast/__init__.py`` switches
+the interpreter on when the package is first imported (this package is ``orz_fast.kernels``, so
+that always happens before any kernel is defined). An explicit ``TRITON_INTERPRET`` is kept.
 """
 
 from __future__ import annotations
@@ -12,11 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
+import triton
 
 
 def interpreting() -> bool:
