@@ -255,7 +255,8 @@ class Trainer:
     # ------------------------------------------------------------------ rollout
 
     def rollout(self) -> tuple[list[Sample], dict[str, float]]:
-        """Generate and score this data-parallel rank's share of the step's prompts."""
+        """Generate and score this rollout rank's share of the step's prompts (a data-parallel replica's with
+        the native engine, this GPU's with vLLM)."""
         r = self.cfg.rollout
         chosen = self.sampler.take(r.prompts_per_step)
         mine = list(range(self.rollout_rank, len(chosen), self.rollout_size))
