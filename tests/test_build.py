@@ -35,3 +35,15 @@ def test_wheel_contains_extension_and_kernels(tmp_path):
     so_path, kernels_path, bins = run.stdout.splitlines()
     assert so_path.startswith(str(site)) and kernels_path.startswith(str(site))
     assert bins == "[[0], [1, 2]]"
+
+
+def test_repo_root_shadows_no_installed_package():
+    """``python -m ...`` from a clone puts the clone's root first on sys.path: a top-level package there
+    (the Triton kernels once lived in ``kernels/``) would hide an installed one of the same name, such as
+    Hugging Face's ``kernels``, which transformers imports."""
+    top_level = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert top_level == ["orz_fast"], top_level
+    run = subprocess.run(
+        [sys.executable, "-c", "from transformers import Qwen2ForCausalLM"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]

