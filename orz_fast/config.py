@@ -38,6 +38,11 @@ class ModelConfig:
     """Parameter dtype on GPU (fp32 master weights are kept by the optimizer); CPU runs use float32."""
     activation_checkpointing: bool = True
     """Recompute each decoder layer's activations in backward instead of storing them."""
+    vocab_pad_multiple: int = 128
+    """The embedding and LM head get ``vocab_size`` rounded up to a multiple of ``vocab_pad_multiple *
+    parallel.tp`` rows (Megatron's ``make_vocab_size_divisible_by``, default 128), so any vocabulary runs
+    at any TP. The padding rows are zero, never sampled, outside every log-prob, entropy and loss, and
+    stripped from every export. 1 pads only to a multiple of TP."""
 
 
 @dataclass(kw_only=True)
@@ -467,6 +472,7 @@ def validate(cfg: Config) -> Config:
         "ckpt.keep": cfg.ckpt.keep,
         "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb,
         "eval.samples": cfg.eval.samples,
+        "model.vocab_pad_multiple": cfg.model.vocab_pad_multiple,
     }
     for key, v in positive_ints.items():
         _require(v >= 1, key, v, "must be >= 1")

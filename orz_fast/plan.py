@@ -13,7 +13,9 @@ Memory model (bytes per GPU; the heaviest pipeline stage is reported). It follow
 * weights: policy and critic, each this rank's TP shard of its stage (``DecoderStage``):
   column-parallel QKV (+ bias), gate/up, LM head / embedding sharded over TP; norms and
   row-parallel biases replicated; a tied LM head is a separate copy once PP > 1; the critic
-  has a [H] value head instead of the LM head. ``model.dtype`` on GPU, fp32 on CPU.
+  has a [H] value head instead of the LM head. The embedding and LM head have the padded
+  vocabulary's rows (``vocab_size`` rounded up to a multiple of ``model.vocab_pad_multiple`` x
+  TP, as the model builds them). ``model.dtype`` on GPU, fp32 on CPU.
 * gradients: one per parameter in its dtype, alive while that model trains (the optimizer
   frees them after each step, so policy and critic gradients never coexist).
 * optimizer (``ShardedAdamW``): fp32 ``exp_avg`` and ``exp_avg_sq`` plus an fp32 master when
@@ -87,7 +89,7 @@ import torch
 
 from orz_fast.config import PRESETS, Config, ConfigError, parse_value, preset, set_value, validate
 from orz_fast.kernels.linear_logprobs import chunk_tokens_for
-from orz_fast.models.spec import ModelSpec, UnsupportedModelError
+from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, ModelSpec, UnsupportedModelError, padded_vocab_size
 from orz_fast.ppo.optim import assign_owners
 from orz_fast.ppo.trainer import check_layout
 from orz_fast.rollout.native import DEFAULT_CPU_KV_CACHE_BYTES, NativeEngine
@@ -367,9 +369,13 @@ def _runtime(cfg: Config, device: str) -> _Runtime:
     return _Runtime("cpu", 4, 0)  # model_from_config builds fp32 models on CPU
 
 
-def stage_param_numels(spec: ModelSpec, tp: int, pp: int, stage: int, role: str) -> list[int]:
-    """Element counts of the parameters one TP rank of pipeline stage ``stage`` holds (``DecoderStage``)."""
+def stage_param_numels(
+    spec: ModelSpec, tp: int, pp: int, stage: int, role: str, *, vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE
+) -> list[int]:
+    """Element counts of the parameters one TP rank of pipeline stage ``stage`` holds (``DecoderStage``,
+    vocabulary padded to a multiple of ``vocab_pad_multiple * tp``)."""
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    vocab_shard = padded_vocab_size(spec.vocab_size, tp, vocab_pad_multiple) // tp
     qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d // tp
     layer = [h, h * qkv_out, spec.num_heads * d // tp * h, h, h * 2 * i // tp, i // tp * h]
     if spec.qkv_bias:
@@ -379,13 +385,13 @@ def stage_param_numels(spec: ModelSpec, tp: int, pp: int, stage: int, role: str)
     numels = layer * len(spec.stage_layers(stage, pp))
     first, last = stage == 0, stage == pp - 1
     if first:
-        numels.append(spec.vocab_size // tp * h)
+        numels.append(vocab_shard * h)
     if last:
         numels.append(h)
         if role == "critic":
             numels.append(h)
         elif not (spec.tie_word_embeddings and first):
-            numels.append(spec.vocab_size // tp * h)
+            numels.append(vocab_shard * h)
     return numels
 
 
@@ -452,11 +458,14 @@ def _kv_bytes_per_token(spec: ModelSpec, layers: int, tp: int, b: int) -> int:
 
 def _stage_memory(spec: ModelSpec, cfg: Config, layout: Layout, stage: int, rt: _Runtime, gpu_memory: int) -> dict:
     tp, pp, dp, b = layout.tp, layout.pp, layout.dp, rt.param_bytes
-    h, v = spec.hidden_size, spec.vocab_size
+    h, v = spec.hidden_size, padded_vocab_size(spec.vocab_size, tp, cfg.model.vocab_pad_multiple)
     last = stage == pp - 1
     layers = len(spec.stage_layers(stage, pp))
     w = _workload(spec, cfg, dp)
-    numels = {role: stage_param_numels(spec, tp, pp, stage, role) for role in ("policy", "critic")}
+    pad = cfg.model.vocab_pad_multiple
+    numels = {
+        role: stage_param_numels(spec, tp, pp, stage, role, vocab_pad_multiple=pad) for role in ("policy", "critic")
+    }
     weights = {role: sum(n) * b for role, n in numels.items()}
     per_element = 8 + (4 if b != 4 else 0)
     optimizer = sum(_owned_numel(n, dp) * per_element for n in numels.values())
@@ -556,8 +565,9 @@ def _step_time(
     h, layers = spec.hidden_size, spec.num_layers
     w = _workload(spec, cfg, dp)
     mean_prompt = cfg.data.max_prompt_tokens / 8
-    n_params = sum(stage_param_numels(spec, 1, 1, 0, "policy"))
-    n_trunk = n_params - spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    pad = cfg.model.vocab_pad_multiple
+    n_params = sum(stage_param_numels(spec, 1, 1, 0, "policy", vocab_pad_multiple=pad))
+    n_trunk = n_params - padded_vocab_size(spec.vocab_size, 1, pad) * h * (1 if spec.tie_word_embeddings else 2)
     tp_bw = hw.nvlink_bandwidth if tp <= hw.gpus_per_node else hw.network_bandwidth
     dp_bw = hw.nvlink_bandwidth if tp * dp <= hw.gpus_per_node else hw.network_bandwidth
 
@@ -694,7 +704,7 @@ def format_plan(p: Plan) -> str:
         f"{p.model} on {p.gpus} x {gib(p.gpu_memory)} GiB ({p.device}); GiB per GPU, heaviest pipeline stage",
         "",
         head,
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     for r in p.layouts:
         fits = ("yes" if r.trainer_error is None else "yes, trainer: no") if r.fits else "no"

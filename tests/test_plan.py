@@ -1,5 +1,6 @@
 """The scale planner: layouts, the memory model against hand counts and a measured CPU step, the ORZ plans."""
 
+import dataclasses
 import json
 
 import pytest
@@ -128,3 +129,21 @@ def test_cli_table_and_json(capsys):
     assert main(["--model", "orz-7b", "--gpus", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["recommended"] == data["layouts"][0]["layout"]
+
+
+def test_odd_vocabulary_151665_at_tp8_counts_the_padded_rows(tmp_path):
+    shape = {**QWEN25_SHAPES["Qwen/Qwen2.5-32B"], "vocab_size": 151665}
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    spec, _ = resolve_model(str(tmp_path))
+    assert layout_error(spec, Layout(8, 1, 1)) is None
+    # the model pads 151,665 to a multiple of 128 x TP: 152,576 rows at TP 8, 151,680 at TP 1
+    for tp, padded in ((8, 152576), (1, 151680)):
+        aligned = dataclasses.replace(spec, vocab_size=padded)
+        for role in ("policy", "critic"):
+            assert stage_param_numels(spec, tp, 1, 0, role) == stage_param_numels(aligned, tp, 1, 0, role)
+    assert stage_param_numels(spec, 8, 1, 0, "policy")[-1] == 152576 // 8 * 5120
+    assert stage_param_numels(spec, 8, 1, 0, "policy", vocab_pad_multiple=1)[-1] == 151672 // 8 * 5120
+    rows = {r.layout: r for r in plan(str(tmp_path), 8).layouts}
+    assert "TP8xPP1xDP1" in rows
+    numels = sum(stage_param_numels(spec, 8, 1, 0, "policy")) + sum(stage_param_numels(spec, 8, 1, 0, "critic"))
+    assert rows["TP8xPP1xDP1"].weights == 2 * numels  # bf16

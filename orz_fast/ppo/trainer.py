@@ -373,7 +373,12 @@ class Trainer:
         def logp_fn(hidden, b):
             h = hidden[b["action_idx"]]
             return ops.linear_logprobs(
-                h, self.policy.output_weight, b["targets"], temperature=temperature, tp_group=self.tp_group
+                h,
+                self.policy.output_weight,
+                b["targets"],
+                temperature=temperature,
+                tp_group=self.tp_group,
+                vocab_size=self.policy.spec.vocab_size,
             )
 
         return self._per_action_forward(self.policy, samples, offsets, logp_fn)
@@ -445,11 +450,18 @@ class Trainer:
                     clip_eps_high=p.clip_eps_high,
                     tp_group=self.tp_group,
                     return_entropy=True,
+                    vocab_size=self.policy.spec.vocab_size,
                 )
                 entropy_sum = stats["entropy"] * h.shape[0]
             else:
                 logp, entropy = ops.linear_logprobs(
-                    h, weight, b["targets"], temperature=temperature, tp_group=self.tp_group, return_entropy=True
+                    h,
+                    weight,
+                    b["targets"],
+                    temperature=temperature,
+                    tp_group=self.tp_group,
+                    return_entropy=True,
+                    vocab_size=self.policy.spec.vocab_size,
                 )
                 loss, stats = ops.ppo_policy_loss(
                     logp,

@@ -20,9 +20,10 @@ One ``generate`` call:
    when the blocks run out, the youngest sequence is preempted and later recomputed
    (prompt plus the tokens it already has); sampling is counter-based, so its output is
    unchanged up to floating-point rounding;
-3. samples every row with :func:`~orz_fast.rollout.sampling.sample_tokens` and applies
-   stop token ids, stop strings (incremental detokenisation), ``max_tokens`` and the
-   context limit.
+3. samples every row with :func:`~orz_fast.rollout.sampling.sample_tokens` over the real
+   vocabulary (the policy's padding columns are dropped from the logits first, so a padding id
+   is never sampled nor the greedy argmax) and applies stop token ids, stop strings
+   (incremental detokenisation), ``max_tokens`` and the context limit.
 
 The same code runs on CPU and CUDA (flash-attn's varlen kernel for prefill when installed,
 SDPA otherwise; decode gathers each sequence's blocks and runs SDPA with a length mask).
@@ -535,7 +536,8 @@ class NativeEngine:
         return both[0].long().tolist(), both[1].tolist()
 
     def _forward(self, cache, input_ids, pos, slots, segs, num_prefill, block_tables, context_lens, rows):
-        """Logits [R, V] (gathered over TP) at ``rows`` of the packed tokens; writes their K/V into ``cache``.
+        """Logits [R, V] (gathered over TP, real vocabulary only) at ``rows`` of the packed tokens; writes their
+        K/V into ``cache``.
 
         With pipeline parallelism each stage runs its own layers on the activation [T, H] received
         from the previous stage and sends its output on; only the last stage returns logits (None
