@@ -147,3 +147,25 @@ def test_odd_vocabulary_151665_at_tp8_counts_the_padded_rows(tmp_path):
     assert "TP8xPP1xDP1" in rows
     numels = sum(stage_param_numels(spec, 8, 1, 0, "policy")) + sum(stage_param_numels(spec, 8, 1, 0, "critic"))
     assert rows["TP8xPP1xDP1"].weights == 2 * numels  # bf16
+
+
+def test_kv_budget_is_the_fraction_of_memory_left_after_the_resident_state(capsys):
+    bf16 = "model.dtype=bfloat16"
+    kv_tok = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads, head dim 16, bf16: the tiny preset
+    block = 16 * kv_tok
+    row = plan("tiny", 1, overrides=[bf16]).layouts[0]
+    free = 80 * GIB - 2 * GIB - row.weights  # the optimizer states are offloaded for the rollout
+    assert row.kv_budget == int(0.9 * free) // block * block
+    assert row.kv_tokens == row.kv_budget // kv_tok
+    assert 0 < row.kv_cache <= row.kv_budget  # capped at what the step's requests can use
+    half = plan("tiny", 1, overrides=[bf16, "rollout.kv_cache_fraction=0.45"]).layouts[0]
+    assert half.kv_budget == int(0.45 * free) // block * block
+    fixed = plan("tiny", 1, overrides=[bf16, "rollout.kv_cache_bytes=1048576"]).layouts[0]
+    assert fixed.kv_budget == 1048576 and fixed.kv_tokens == 1048576 // kv_tok
+    cpu = plan("tiny", 1, device="cpu").layouts[0]
+    assert cpu.kv_budget == GIB and cpu.kv_tokens == GIB // (2 * kv_tok)  # fp32 on CPU
+    # the rollout's own work must fit beside the KV cache: all of the free memory for KV fits no layout
+    assert plan("orz-7b", 8).recommended is not None
+    assert plan("orz-7b", 8, overrides=["rollout.kv_cache_fraction=1.0"]).recommended is None
+    assert main(["--model", "tiny", "--gpus", "1", "--set", "rollout.kv_cache_bytes=1048576"]) == 0
+    assert "| KV budget (tokens) |" in capsys.readouterr().out.splitlines()[2]
