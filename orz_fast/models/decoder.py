@@ -203,7 +203,6 @@ class DecoderStage(nn.Module):
         spec.check_layout(tp, pp)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.spec = spec
-        self.vocab_pad_multiple = vocab_pad_multiple
         self.padded_vocab_size = padded_vocab_size(spec.vocab_size, tp, vocab_pad_multiple)
         """Rows of the embedding and LM head over all TP ranks (``spec.vocab_size`` is the real vocabulary)."""
         self.activation_checkpointing = activation_checkpointing
