@@ -38,6 +38,11 @@ class ModelConfig:
     """Parameter dtype on GPU (fp32 master weights are kept by the optimizer); CPU runs use float32."""
     activation_checkpointing: bool = True
     """Recompute each decoder layer's activations in backward instead of storing them."""
+    vocab_pad_multiple: int = 128
+    """The embedding and LM head get ``vocab_size`` rounded up to a multiple of ``vocab_pad_multiple *
+    parallel.tp`` rows (Megatron's ``make_vocab_size_divisible_by``, default 128), so any vocabulary runs
+    at any TP. The padding rows are zero, never sampled, outside every log-prob, entropy and loss, and
+    stripped from every export. 1 pads only to a multiple of TP."""
 
 
 @dataclass(kw_only=True)
@@ -67,7 +72,14 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=lambda: list(ORZ_STOP_STRINGS))
     """Stop strings; the matched string is kept in the output, as ORZ does."""
     kv_cache_fraction: float = 0.9
-    """Fraction of free accelerator memory the rollout's KV cache may take (released after rollout)."""
+    """KV cache per rank = this fraction of the accelerator memory that is free when the rollout starts,
+    i.e. after the trainer's resident tensors (both models' weights; the optimizer states are offloaded
+    for the rollout). The rest is left for the rollout's activations and logits. Used by both engines
+    and by ``python -m orz_fast.plan``; on CPU (no accelerator) the KV budget is 1 GiB unless
+    ``kv_cache_bytes`` is set."""
+    kv_cache_bytes: int | None = None
+    """Fixed KV cache bytes per rank, overriding ``kv_cache_fraction`` (for CPU runs, and for runs whose
+    rollout must not depend on the memory other processes happen to hold). ``None``: use the fraction."""
     weight_sync_bucket_mb: int = 512
     """``vllm`` engine: size of one flattened CUDA-IPC weight bucket pushed after each policy update."""
 
@@ -467,6 +479,7 @@ def validate(cfg: Config) -> Config:
         "ckpt.keep": cfg.ckpt.keep,
         "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb,
         "eval.samples": cfg.eval.samples,
+        "model.vocab_pad_multiple": cfg.model.vocab_pad_multiple,
     }
     for key, v in positive_ints.items():
         _require(v >= 1, key, v, "must be >= 1")
@@ -497,6 +510,9 @@ def validate(cfg: Config) -> Config:
     _require(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
     _require(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", r.top_k, "must be -1 (off) or >= 1")
     _require(0 < r.kv_cache_fraction <= 1, "rollout.kv_cache_fraction", r.kv_cache_fraction, "must be in (0, 1]")
+    _require(
+        r.kv_cache_bytes is None or r.kv_cache_bytes >= 1, "rollout.kv_cache_bytes", r.kv_cache_bytes, "must be >= 1"
+    )
     _require(all(r.stop), "rollout.stop", r.stop, "stop strings must be non-empty")
 
     p = cfg.ppo

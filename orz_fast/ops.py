@@ -204,6 +204,28 @@ def _check_linear(name: str, hidden: torch.Tensor, weight: torch.Tensor, targets
         raise ValueError(f"{name}: temperature must be > 0, got {temperature}")
 
 
+def _check_vocab(
+    name: str,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None,
+    tp_group: dist.ProcessGroup | None,
+) -> None:
+    """``vocab_size`` within the weight's rows (over the TP group); on CPU, every target a real id."""
+    rows = weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= rows:
+            raise ValueError(
+                f"{name}: vocab_size must be an int in [1, {rows}] (the weight's rows {tuple(weight.shape)}"
+                f" over the TP group), got {vocab_size!r}"
+            )
+    if targets.device.type == "cpu" and targets.numel():
+        # CPU only: on a GPU this check would sync the device, so there the ids are trusted
+        lo, hi, limit = int(targets.min()), int(targets.max()), vocab_size or rows
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{name}: targets must be ids in [0, {limit}), got {lo if lo < 0 else hi}")
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -212,6 +234,7 @@ def linear_logprobs(
     temperature: float = 1.0,
     tp_group: dist.ProcessGroup | None = None,
     return_entropy: bool = False,
+    vocab_size: int | None = None,
     backend: Backend = None,
 ):
     """Log-softmax of ``hidden @ weight.T / temperature`` at ``targets``, never holding [T, V] logits.
@@ -220,15 +243,20 @@ def linear_logprobs(
         hidden: [T, H] float (bf16, fp16 or fp32), differentiable.
         weight: [V, H] same dtype, differentiable; with ``tp_group`` this rank's vocab shard
             (equal shards in rank order, rank r holding ids [r * V, (r + 1) * V)).
-        targets: [T] integer global vocab ids.
+        targets: [T] integer global vocab ids (below ``vocab_size``; checked on CPU).
         tp_group: vocab-parallel group; statistics are combined with [T]-sized all-reduces and
             the gradient of ``hidden`` is all-reduced over it (do not all-reduce it again).
         return_entropy: also return the entropy of the (tempered) distribution.
+        vocab_size: the real vocabulary when ``weight`` is padded (an orz_fast policy's
+            ``output_weight``: pass ``model.spec.vocab_size``); rows with a global id from it on
+            are outside the softmax and the entropy and get a zero gradient. ``None``: every row
+            is a token. A TP rank may hold padding rows only.
 
     Returns:
         logprobs [T] float32, or (logprobs [T], entropy [T]) float32 with ``return_entropy``.
     """
     _check_linear("linear_logprobs", hidden, weight, targets, temperature)
+    _check_vocab("linear_logprobs", weight, targets, vocab_size, tp_group)
     return linear_logprobs_chunked(
         hidden,
         weight,
@@ -237,6 +265,7 @@ def linear_logprobs(
         tp_group=tp_group,
         return_entropy=return_entropy,
         use_triton=_use_triton(backend, hidden),
+        vocab_size=vocab_size,
     )
 
 
@@ -253,13 +282,15 @@ def linear_ppo_loss(
     clip_eps_high: float | None = None,
     tp_group: dist.ProcessGroup | None = None,
     return_entropy: bool = False,
+    vocab_size: int | None = None,
     backend: Backend = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``ppo_policy_loss(linear_logprobs(hidden, weight, targets), ...)`` fused, gradients made in the forward.
 
     Args:
-        hidden: [T, H], weight: [V, H] (or this rank's vocab shard), targets: [T] as in
-            ``linear_logprobs``; old_logprobs, advantages: [T] float; mask: [T] bool or float.
+        hidden: [T, H], weight: [V, H] (or this rank's vocab shard), targets: [T], vocab_size
+            (the real vocabulary of a padded weight) as in ``linear_logprobs``; old_logprobs,
+            advantages: [T] float; mask: [T] bool or float.
 
     Returns:
         (loss 0-dim float32, stats) with the same stats as ``ppo_policy_loss``, plus ``entropy``
@@ -272,6 +303,7 @@ def linear_ppo_loss(
         {"targets": targets, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask},
         floating=("old_logprobs", "advantages"),
     )
+    _check_vocab("linear_ppo_loss", weight, targets, vocab_size, tp_group)
     return linear_ppo_loss_chunked(
         hidden,
         weight,
@@ -285,4 +317,5 @@ def linear_ppo_loss(
         tp_group=tp_group,
         use_triton=_use_triton(backend, hidden),
         return_entropy=return_entropy,
+        vocab_size=vocab_size,
     )

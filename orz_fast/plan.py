@@ -13,7 +13,9 @@ Memory model (bytes per GPU; the heaviest pipeline stage is reported). It follow
 * weights: policy and critic, each this rank's TP shard of its stage (``DecoderStage``):
   column-parallel QKV (+ bias), gate/up, LM head / embedding sharded over TP; norms and
   row-parallel biases replicated; a tied LM head is a separate copy once PP > 1; the critic
-  has a [H] value head instead of the LM head. ``model.dtype`` on GPU, fp32 on CPU.
+  has a [H] value head instead of the LM head. The embedding and LM head have the padded
+  vocabulary's rows (``vocab_size`` rounded up to a multiple of ``model.vocab_pad_multiple`` x
+  TP, as the model builds them). ``model.dtype`` on GPU, fp32 on CPU.
 * gradients: one per parameter in its dtype, alive while that model trains (the optimizer
   frees them after each step, so policy and critic gradients never coexist).
 * optimizer (``ShardedAdamW``): fp32 ``exp_avg`` and ``exp_avg_sq`` plus an fp32 master when
@@ -34,12 +36,16 @@ Memory model (bytes per GPU; the heaviest pipeline stage is reported). It follow
   logits of at most ``chunk_tokens_for`` rows, fp32 row statistics on CPU, and the fp32
   LM-head gradient accumulator). With PP > 1 the first stage holds ``min(pp, micro-batches)``
   micro-batches in flight (1F1B).
-* KV cache: the native engine allocates ``gpu_memory_utilization`` (0.9) of the free memory
-  at the start of a rollout (1 GiB on CPU), capped at what the replica's requests can use
-  (prompt blocks shared by a prompt's ``n`` samples; worst-case lengths). The decode batch
-  is what that cache holds, at most ``max_num_seqs``. The rollout also needs one step's
-  activations (``max_num_batched_tokens``), the sampled rows' logits over the full
-  vocabulary, and one layer's K/V gathered for the decode batch (paged decode attention).
+* KV cache: the budget is ``rollout.kv_cache_fraction`` of the memory left after the
+  rollout-time resident state (reserve, both models' weights; the optimizer states are
+  offloaded), or ``rollout.kv_cache_bytes`` when set (1 GiB on CPU by default), resolved by
+  ``orz_fast.rollout.kv_budget.kv_cache_bytes`` as the engines resolve it. The report gives
+  that budget and the tokens it holds; the engine allocates it capped at what the replica's
+  requests can use (prompt blocks shared by a prompt's ``n`` samples; worst-case lengths).
+  The decode batch is what that cache holds, at most ``max_num_seqs``. The rollout also needs
+  one step's activations (``max_num_batched_tokens``), the sampled rows' logits over the
+  padded vocabulary, and one layer's K/V gathered for the decode batch (paged decode
+  attention): they must fit in the rest, or the layout does not fit (lower the fraction).
 * reserve: 2 GiB per GPU for the CUDA context, NCCL and cuBLAS workspaces (none on CPU).
 
 Phases that coexist: rollout = weights + KV + rollout work (+ optimizer on CPU); critic
@@ -87,10 +93,11 @@ import torch
 
 from orz_fast.config import PRESETS, Config, ConfigError, parse_value, preset, set_value, validate
 from orz_fast.kernels.linear_logprobs import chunk_tokens_for
-from orz_fast.models.spec import ModelSpec, UnsupportedModelError
+from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, ModelSpec, UnsupportedModelError, padded_vocab_size
 from orz_fast.ppo.optim import assign_owners
 from orz_fast.ppo.trainer import check_layout
-from orz_fast.rollout.native import DEFAULT_CPU_KV_CACHE_BYTES, NativeEngine
+from orz_fast.rollout.kv_budget import kv_cache_bytes
+from orz_fast.rollout.native import NativeEngine
 
 _QWEN25_COMMON = {
     "model_type": "qwen2",
@@ -214,7 +221,12 @@ class LayoutPlan:
     activations: int
     """The larger training phase's activations and LM-head working memory."""
     kv_cache: int
-    """KV cache the engine allocates for the rollout."""
+    """KV cache the engine allocates for the rollout: ``kv_budget`` capped at what the requests can use."""
+    kv_budget: int
+    """The KV budget per GPU (``rollout.kv_cache_fraction`` of the memory left after the rollout-time
+    resident state, or ``rollout.kv_cache_bytes``), whole KV blocks."""
+    kv_tokens: int
+    """Tokens of context the KV budget holds (over this stage's layers)."""
     rollout_work: int
     """One rollout step's activations, logits and gathered K/V."""
     phases: dict[str, int]
@@ -367,9 +379,13 @@ def _runtime(cfg: Config, device: str) -> _Runtime:
     return _Runtime("cpu", 4, 0)  # model_from_config builds fp32 models on CPU
 
 
-def stage_param_numels(spec: ModelSpec, tp: int, pp: int, stage: int, role: str) -> list[int]:
-    """Element counts of the parameters one TP rank of pipeline stage ``stage`` holds (``DecoderStage``)."""
+def stage_param_numels(
+    spec: ModelSpec, tp: int, pp: int, stage: int, role: str, *, vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE
+) -> list[int]:
+    """Element counts of the parameters one TP rank of pipeline stage ``stage`` holds (``DecoderStage``,
+    vocabulary padded to a multiple of ``vocab_pad_multiple * tp``)."""
     h, d, i = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    vocab_shard = padded_vocab_size(spec.vocab_size, tp, vocab_pad_multiple) // tp
     qkv_out = (spec.num_heads + 2 * spec.num_kv_heads) * d // tp
     layer = [h, h * qkv_out, spec.num_heads * d // tp * h, h, h * 2 * i // tp, i // tp * h]
     if spec.qkv_bias:
@@ -379,13 +395,13 @@ def stage_param_numels(spec: ModelSpec, tp: int, pp: int, stage: int, role: str)
     numels = layer * len(spec.stage_layers(stage, pp))
     first, last = stage == 0, stage == pp - 1
     if first:
-        numels.append(spec.vocab_size // tp * h)
+        numels.append(vocab_shard * h)
     if last:
         numels.append(h)
         if role == "critic":
             numels.append(h)
         elif not (spec.tie_word_embeddings and first):
-            numels.append(spec.vocab_size // tp * h)
+            numels.append(vocab_shard * h)
     return numels
 
 
@@ -452,11 +468,14 @@ def _kv_bytes_per_token(spec: ModelSpec, layers: int, tp: int, b: int) -> int:
 
 def _stage_memory(spec: ModelSpec, cfg: Config, layout: Layout, stage: int, rt: _Runtime, gpu_memory: int) -> dict:
     tp, pp, dp, b = layout.tp, layout.pp, layout.dp, rt.param_bytes
-    h, v = spec.hidden_size, spec.vocab_size
+    h, v = spec.hidden_size, padded_vocab_size(spec.vocab_size, tp, cfg.model.vocab_pad_multiple)
     last = stage == pp - 1
     layers = len(spec.stage_layers(stage, pp))
     w = _workload(spec, cfg, dp)
-    numels = {role: stage_param_numels(spec, tp, pp, stage, role) for role in ("policy", "critic")}
+    pad = cfg.model.vocab_pad_multiple
+    numels = {
+        role: stage_param_numels(spec, tp, pp, stage, role, vocab_pad_multiple=pad) for role in ("policy", "critic")
+    }
     weights = {role: sum(n) * b for role, n in numels.items()}
     per_element = 8 + (4 if b != 4 else 0)
     optimizer = sum(_owned_numel(n, dp) * per_element for n in numels.values())
@@ -510,11 +529,11 @@ def _stage_memory(spec: ModelSpec, cfg: Config, layout: Layout, stage: int, rt: 
     )
     rollout_static = weights["policy"] + weights["critic"] + (optimizer if rt.device == "cpu" else 0)
     if rt.device == "gpu":
-        free = gpu_memory - rt.reserved - rollout_static
-        budget = min(int(free * _ENGINE_DEFAULTS["gpu_memory_utilization"]), free - rollout_work)
+        budget = kv_cache_bytes(cfg.rollout, "cuda", free_bytes=gpu_memory - rt.reserved - rollout_static)
     else:
-        budget = DEFAULT_CPU_KV_CACHE_BYTES
-    kv = max(0, min(budget - budget % max(1, block * kv_tok), demand))
+        budget = kv_cache_bytes(cfg.rollout, "cpu")
+    kv_blocks = budget // max(1, block * kv_tok)
+    kv = min(kv_blocks * block * kv_tok, demand)
     decode_batch = min(batch, kv // seq_kv) if seq_kv else batch
 
     both = weights["policy"] + weights["critic"] + optimizer + rt.reserved
@@ -530,6 +549,8 @@ def _stage_memory(spec: ModelSpec, cfg: Config, layout: Layout, stage: int, rt: 
         "optimizer": optimizer,
         "activations": max(policy_act, critic_act),
         "kv_cache": kv,
+        "kv_budget": kv_blocks * block * kv_tok,
+        "kv_tokens": kv_blocks * block,
         "rollout_work": rollout_work,
         "phases": phases,
         "decode_batch": decode_batch,
@@ -556,8 +577,9 @@ def _step_time(
     h, layers = spec.hidden_size, spec.num_layers
     w = _workload(spec, cfg, dp)
     mean_prompt = cfg.data.max_prompt_tokens / 8
-    n_params = sum(stage_param_numels(spec, 1, 1, 0, "policy"))
-    n_trunk = n_params - spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    pad = cfg.model.vocab_pad_multiple
+    n_params = sum(stage_param_numels(spec, 1, 1, 0, "policy", vocab_pad_multiple=pad))
+    n_trunk = n_params - padded_vocab_size(spec.vocab_size, 1, pad) * h * (1 if spec.tie_word_embeddings else 2)
     tp_bw = hw.nvlink_bandwidth if tp <= hw.gpus_per_node else hw.network_bandwidth
     dp_bw = hw.nvlink_bandwidth if tp * dp <= hw.gpus_per_node else hw.network_bandwidth
 
@@ -651,6 +673,8 @@ def plan(
                 optimizer=mem["optimizer"],
                 activations=mem["activations"],
                 kv_cache=mem["kv_cache"],
+                kv_budget=mem["kv_budget"],
+                kv_tokens=mem["kv_tokens"],
                 rollout_work=mem["rollout_work"],
                 phases=mem["phases"],
                 peak=peak,
@@ -687,21 +711,22 @@ def format_plan(p: Plan) -> str:
 
     best = next((r.step_seconds for r in p.layouts if r.fits), None)
     head = (
-        "| layout | weights | grads | optim | activ. | train peak | KV cache | peak (phase) | decode batch "
-        "| fits | est. step | rel. |"
+        "| layout | weights | grads | optim | activ. | train peak | KV budget (tokens) | KV cache | peak (phase) "
+        "| decode batch | fits | est. step | rel. |"
     )
     lines = [
         f"{p.model} on {p.gpus} x {gib(p.gpu_memory)} GiB ({p.device}); GiB per GPU, heaviest pipeline stage",
         "",
         head,
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|---:|",
     ]
     for r in p.layouts:
         fits = ("yes" if r.trainer_error is None else "yes, trainer: no") if r.fits else "no"
         rel = f"{r.step_seconds / best:.2f}x" if r.fits and best else "-"
         lines.append(
             f"| {r.layout} | {gib(r.weights)} | {gib(r.grads)} | {gib(r.optimizer)} | {gib(r.activations)} "
-            f"| {gib(train_peak(r))} | {gib(r.kv_cache)} | {gib(r.peak)} ({r.peak_phase}) | {r.decode_batch} | {fits} "
+            f"| {gib(train_peak(r))} | {gib(r.kv_budget)} ({r.kv_tokens:,}) | {gib(r.kv_cache)} "
+            f"| {gib(r.peak)} ({r.peak_phase}) | {r.decode_batch} | {fits} "
             f"| {r.step_seconds:.0f} s | {rel} |"
         )
     for name, why in p.rejected.items():

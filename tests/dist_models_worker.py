@@ -9,6 +9,12 @@ The TP=1 run saves a sharded checkpoint that the other layouts load, and every l
 saves again; rank 0 checks each save is bit-exact with the source. Rank 0 writes the
 measured errors to WORK_DIR/report.json; any check failing exits non-zero.
 
+Two more policies have odd vocabularies (:data:`ODD_VOCAB_ARCHS`: a prime, 127, whose
+second TP=2 shard is padding only, and GPT-2's 50,257, tied), so the model pads them: their
+logits over the real ids, their log-probs through ``ops.linear_logprobs(vocab_size=...)``
+(checked against the logits' log-softmax in every layout), gradients and exported weights
+must match TP=1 and the source checkpoint too.
+
 It also holds the tiny checkpoint builders the single-process tests use.
 """
 
@@ -49,6 +55,11 @@ LLAMA_ARCH = {
     "max_position_embeddings": 64,
     "initializer_range": 0.1,
 }
+ODD_VOCAB_ARCHS = {
+    "qwen2-v127": {**QWEN2_ARCH, "vocab_size": 127},
+    "llama-v50257": {**LLAMA_ARCH, "vocab_size": 50257},
+}
+"""Vocabularies no TP size divides (a prime; GPT-2's), padded by the model to a multiple of 128 x TP."""
 TOL = 1e-4
 
 
@@ -93,19 +104,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _run_layout(ckpt: Path, role: str, tp: int, pp: int, save_to: Path, max_shard_bytes: int) -> dict | None:
     import torch.distributed as dist
 
-    from orz_fast import parallel
+    from orz_fast import ops, parallel
     from orz_fast.models import gather_hf_state_dict, load_pretrained, save_pretrained
 
     parallel.initialize(tp, pp)
     model = load_pretrained(ckpt, role=role, value_head_seed=7)
-    batches = packed_batches(model.spec.vocab_size)
+    vocab = model.spec.vocab_size
+    batches = packed_batches(vocab)
+    tp_group = parallel.tp_group() if tp > 1 else None
 
     if role == "policy":
 
         def loss_fn(hidden, batch):
             logits = model.logits(hidden)
+            if logits.shape[-1] != vocab:
+                raise AssertionError(f"logits have {logits.shape[-1]} columns, the vocabulary {vocab}")
             loss = F.cross_entropy(logits, batch["targets"])
-            return loss, {"loss": loss.detach(), "out": logits.detach()}
+            with torch.no_grad():
+                logp = ops.linear_logprobs(
+                    hidden, model.output_weight, batch["targets"], tp_group=tp_group, vocab_size=vocab
+                )
+                ref = torch.log_softmax(logits, dim=-1).gather(1, batch["targets"][:, None]).squeeze(1)
+                if rel_err(logp, ref) > TOL:
+                    raise AssertionError(f"linear_logprobs differs from the logits' log-softmax: {rel_err(logp, ref)}")
+            return loss, {"loss": loss.detach(), "out": logits.detach(), "logp": logp}
     else:
 
         def loss_fn(values, batch):
@@ -126,6 +148,7 @@ def _run_layout(ckpt: Path, role: str, tp: int, pp: int, save_to: Path, max_shar
     return {
         "loss": [float(s["loss"]) for s in stats],
         "out": [s["out"] for s in stats],
+        "logp": [s["logp"] for s in stats if "logp" in s],
         "fwd": fwd,
         "grads": grads,
     }
@@ -158,34 +181,37 @@ def main(ckpt_root: Path, work: Path) -> None:
     import torch.distributed as dist
 
     report: dict = {}
-    for name in ("qwen2", "llama"):
+    runs = [(name, role) for name in ("qwen2", "llama") for role in ("policy", "critic")]
+    runs += [(name, "policy") for name in ODD_VOCAB_ARCHS]
+    for name, role in runs:
         src = ckpt_root / name
-        for role in ("policy", "critic"):
-            base = work / f"{name}-{role}"
-            ref = _run_layout(src, role, 1, 1, base / "tp1", max_shard_bytes=20_000)
-            if dist.get_rank() == 0:
-                _check_save(base / "tp1", src, fresh_value_head=role == "critic")
-                if len(list((base / "tp1").glob("model-*.safetensors"))) < 2:
-                    raise AssertionError("the TP=1 save was expected to be sharded")
-            dist.barrier()
-            for tp, pp in ((2, 1), (1, 2)):
-                got = _run_layout(base / "tp1", role, tp, pp, base / f"tp{tp}pp{pp}", max_shard_bytes=2**30)
-                if dist.get_rank() != 0:
-                    continue
-                _check_save(base / f"tp{tp}pp{pp}", base / "tp1", fresh_value_head=False)
-                if got["grads"].keys() != ref["grads"].keys():
-                    raise AssertionError(f"gradient names differ: {sorted(got['grads'].keys() ^ ref['grads'].keys())}")
-                errs = {
-                    "loss": max(abs(x - y) / abs(y) for x, y in zip(got["loss"], ref["loss"], strict=True)),
-                    "out": max(rel_err(x, y) for x, y in zip(got["out"], ref["out"], strict=True)),
-                    "fwd": max(rel_err(x, y) for x, y in zip(got["fwd"], ref["fwd"], strict=True)),
-                    "grad": max(rel_err(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
-                }
-                report[f"{name}/{role}/tp{tp}pp{pp}"] = errs
-                bad = {k: v for k, v in errs.items() if not v <= TOL}
-                if bad:
-                    raise AssertionError(f"{name} {role} tp={tp} pp={pp} differs from tp=1 pp=1: {bad}")
-            dist.barrier()
+        base = work / f"{name}-{role}"
+        ref = _run_layout(src, role, 1, 1, base / "tp1", max_shard_bytes=20_000)
+        if dist.get_rank() == 0:
+            _check_save(base / "tp1", src, fresh_value_head=role == "critic")
+            if len(list((base / "tp1").glob("model-*.safetensors"))) < 2:
+                raise AssertionError("the TP=1 save was expected to be sharded")
+        dist.barrier()
+        for tp, pp in ((2, 1), (1, 2)):
+            got = _run_layout(base / "tp1", role, tp, pp, base / f"tp{tp}pp{pp}", max_shard_bytes=2**30)
+            if dist.get_rank() != 0:
+                continue
+            _check_save(base / f"tp{tp}pp{pp}", base / "tp1", fresh_value_head=False)
+            if got["grads"].keys() != ref["grads"].keys():
+                raise AssertionError(f"gradient names differ: {sorted(got['grads'].keys() ^ ref['grads'].keys())}")
+            errs = {
+                "loss": max(abs(x - y) / abs(y) for x, y in zip(got["loss"], ref["loss"], strict=True)),
+                "out": max(rel_err(x, y) for x, y in zip(got["out"], ref["out"], strict=True)),
+                "fwd": max(rel_err(x, y) for x, y in zip(got["fwd"], ref["fwd"], strict=True)),
+                "grad": max(rel_err(got["grads"][k], ref["grads"][k]) for k in ref["grads"]),
+            }
+            if role == "policy":
+                errs["logp"] = max(rel_err(x, y) for x, y in zip(got["logp"], ref["logp"], strict=True))
+            report[f"{name}/{role}/tp{tp}pp{pp}"] = errs
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            if bad:
+                raise AssertionError(f"{name} {role} tp={tp} pp={pp} differs from tp=1 pp=1: {bad}")
+        dist.barrier()
     if dist.get_rank() == 0:
         (work / "report.json").write_text(json.dumps(report, indent=2))
 

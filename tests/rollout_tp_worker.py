@@ -6,7 +6,10 @@ model every layout builds identically (``build_model(TP_ARCH, seed=TP_SEED)``); 
 compares them with TP=1 in its own process. Each rank seeds torch's generator differently,
 so the unseeded run only agrees across ranks if the engine shares its drawn seeds. Then it
 repeats the generations with PP=2 (two stages passing activations; rank 0, the first stage,
-only sees the tokens the last stage broadcasts). Rank 0 writes the results to OUT_JSON.
+only sees the tokens the last stage broadcasts). It also generates at TP=2 from a model with
+an odd vocabulary (:data:`ODD_TP_ARCH`, 131 ids padded to 256: the second shard holds 3 real
+rows), which must give the TP=1 tokens and never a padding id. Rank 0 writes the results to
+OUT_JSON.
 
 It also holds the arch and prompts the single-process test reuses.
 """
@@ -30,16 +33,18 @@ TP_ARCH = {
 }
 TP_SEED = 7
 TP_PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+ODD_TP_ARCH = {**TP_ARCH, "vocab_size": 131}
+ODD_TP_PROMPTS = [[t % 131 for t in p] for p in TP_PROMPTS]
 
 
-def run_engine() -> dict:
+def run_engine(arch: dict = TP_ARCH, prompts: list[list[int]] = TP_PROMPTS) -> dict:
     from orz_fast.models import build_model
     from orz_fast.rollout import NativeEngine, SamplingParams
 
-    model = build_model(TP_ARCH, seed=TP_SEED, device="cpu")
+    model = build_model(arch, seed=TP_SEED, device="cpu")
     engine = NativeEngine(model, block_size=4)
-    greedy = engine.generate(TP_PROMPTS, SamplingParams(temperature=0, max_tokens=24))
-    sampled = engine.generate(TP_PROMPTS, SamplingParams(n=2, temperature=1.0, top_p=0.9, seed=11, max_tokens=24))
+    greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    sampled = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=0.9, seed=11, max_tokens=24))
     return {
         "greedy": [[c.token_ids for c in cs] for cs in greedy],
         "sampled": [[c.token_ids for c in cs] for cs in sampled],
@@ -58,6 +63,7 @@ def main(out_path: str) -> None:
     parallel.initialize(tp=2, pp=1)
     rank = dist.get_rank()
     result = run_engine()
+    result["odd_vocab"] = run_engine(ODD_TP_ARCH, ODD_TP_PROMPTS)
 
     torch.manual_seed(1000 + rank)
     engine = NativeEngine(build_model(TP_ARCH, seed=TP_SEED, device="cpu"))

@@ -119,6 +119,10 @@ def test_overrides_coerce_types():
         ("logging.progress=maybe", "logging.progress: expected bool"),
         ("optim.policy_lr", "not of the form a.b=VALUE"),
         ("optim.grad_clip=NaN", "optim.grad_clip=nan: must be finite"),
+        ("model.vocab_pad_multiple=0", "model.vocab_pad_multiple=0: must be >= 1"),
+        ("rollout.kv_cache_bytes=0", "rollout.kv_cache_bytes=0: must be >= 1"),
+        ("rollout.kv_cache_bytes=1.5", "rollout.kv_cache_bytes: expected"),
+        ("rollout.kv_cache_fraction=0", "rollout.kv_cache_fraction=0.0: must be in \\(0, 1\\]"),
     ],
 )
 def test_bad_overrides_name_the_key_and_value(override, message):
@@ -184,3 +188,12 @@ def test_cli_rejects_bad_values_with_the_key():
     assert "optim.policy_lr=-1e-06: must be > 0" in out.stderr
     out = run_cli("--preset", "orz-7b", "--set", "ppo.bogus=1", "--print-config")
     assert out.returncode != 0 and "ppo.bogus" in out.stderr
+
+
+def test_vocab_pad_multiple_default_is_megatrons():
+    from orz_fast.models.spec import VOCAB_PAD_MULTIPLE
+
+    assert config.ModelConfig().vocab_pad_multiple == VOCAB_PAD_MULTIPLE == 128
+    cfg = resolve("tiny", overrides=["model.vocab_pad_multiple=1", "rollout.kv_cache_bytes=4096"])
+    assert cfg.model.vocab_pad_multiple == 1 and cfg.rollout.kv_cache_bytes == 4096
+    assert resolve("tiny").rollout.kv_cache_bytes is None

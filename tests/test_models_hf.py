@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import smollm2_gguf
-from dist_models_worker import LLAMA_ARCH, QWEN2_ARCH, make_hf_checkpoint, packed_batches, rel_err
+from dist_models_worker import (
+    LLAMA_ARCH,
+    ODD_VOCAB_ARCHS,
+    QWEN2_ARCH,
+    make_hf_checkpoint,
+    packed_batches,
+    rel_err,
+)
 from safetensors.torch import load_file
 
 from orz_fast import parallel
@@ -25,6 +32,7 @@ from orz_fast.models import (
     model_from_config,
     save_pretrained,
 )
+from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, padded_vocab_size
 
 TOL = 1e-4
 LENS = [5, 9, 3]
@@ -38,8 +46,12 @@ def _single_process():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    hf = {name: make_hf_checkpoint(arch, root / name) for name, arch in (("qwen2", QWEN2_ARCH), ("llama", LLAMA_ARCH))}
+    archs = {"qwen2": QWEN2_ARCH, "llama": LLAMA_ARCH, **ODD_VOCAB_ARCHS}
+    hf = {name: make_hf_checkpoint(arch, root / name) for name, arch in archs.items()}
     return root, hf
+
+
+ALL = ["qwen2", "llama", *ODD_VOCAB_ARCHS]
 
 
 def _packed(vocab: int, lens: list[int], seed: int = 0):
@@ -66,20 +78,58 @@ def _check_logits_parity(model: PolicyModel, hf, lens: list[int]) -> None:
             assert rel_err(alone, ref[a:b]) <= TOL
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
+@pytest.mark.parametrize("name", ALL)
 def test_logits_match_transformers(checkpoints, name):
     root, hf = checkpoints
     model = load_pretrained(root / name)
     spec = model.spec
-    assert spec.tie_word_embeddings == (name == "llama")
-    assert spec.qkv_bias == (name == "qwen2")
-    assert spec.rope_theta == (QWEN2_ARCH if name == "qwen2" else LLAMA_ARCH)["rope_theta"]
-    if name == "llama":
+    llama = name.startswith("llama")
+    assert spec.tie_word_embeddings == llama
+    assert spec.qkv_bias == (not llama)
+    assert spec.rope_theta == (LLAMA_ARCH if llama else QWEN2_ARCH)["rope_theta"]
+    if llama:
         assert model.output_weight is model.embed.weight
     _check_logits_parity(model, hf[name], LENS)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
+@pytest.mark.parametrize("name", ODD_VOCAB_ARCHS)
+def test_odd_vocabulary_is_padded_with_zero_rows(checkpoints, name):
+    root, hf = checkpoints
+    model = load_pretrained(root / name)
+    v, vp = model.spec.vocab_size, model.padded_vocab_size
+    assert v == ODD_VOCAB_ARCHS[name]["vocab_size"] and vp % VOCAB_PAD_MULTIPLE == 0 and vp - v < VOCAB_PAD_MULTIPLE
+    assert model.embed.weight.shape == model.output_weight.shape == (vp, model.spec.hidden_size)
+    assert not model.embed.weight[v:].any() and not model.output_weight[v:].any()
+    assert torch.equal(model.output_weight[:v], hf[name].lm_head.weight)
+    # log-probs of the padded head with the real vocabulary equal the logits' log-softmax
+    from orz_fast import ops
+
+    ids, cu = _packed(v, LENS)
+    with torch.no_grad():
+        hidden = model(ids, cu)
+        want = torch.log_softmax(model.logits(hidden), dim=-1).gather(1, ids[:, None]).squeeze(1)
+        got = ops.linear_logprobs(hidden, model.output_weight, ids, vocab_size=v)
+    assert rel_err(got, want) <= TOL
+    # a random model's real rows do not depend on the padding; its padding rows are zero too
+    arch = ODD_VOCAB_ARCHS[name]
+    a, b = build_model(arch, seed=3), build_model(arch, seed=3, vocab_pad_multiple=1)
+    assert b.padded_vocab_size == v and torch.equal(a.embed.weight[:v], b.embed.weight)
+    assert not a.embed.weight[v:].any()
+
+
+def test_padded_vocab_size():
+    assert padded_vocab_size(127, 1) == 128 and padded_vocab_size(127, 2) == 256
+    assert padded_vocab_size(50257, 1) == 50304 and padded_vocab_size(50257, 2) == 50432
+    assert padded_vocab_size(151665, 8) == 152576 and padded_vocab_size(152064, 2) == 152064
+    assert padded_vocab_size(50257, 2, 1) == 50258 and padded_vocab_size(128, 1) == 128
+    for bad in ((0, 1), (127, 0), (127, 1, 0), (127.0, 1)):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            padded_vocab_size(*bad)
+    # any vocabulary splits at any TP size that divides the heads
+    ModelSpec.from_hf_config(ODD_VOCAB_ARCHS["llama-v50257"]).check_layout(tp=2, pp=1)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_gradients_match_transformers(checkpoints, name):
     root, hf = checkpoints
     hf_model = hf[name]
@@ -117,7 +167,7 @@ def test_save_load_round_trip_and_transformers_loads(checkpoints, tmp_path):
     from transformers import AutoModelForCausalLM
 
     root, hf = checkpoints
-    for name in ("qwen2", "llama"):
+    for name in ALL:
         model = load_pretrained(root / name)
         out = save_pretrained(model, tmp_path / name)
         saved, source = load_file(out / "model.safetensors"), load_file(root / name / "model.safetensors")

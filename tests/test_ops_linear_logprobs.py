@@ -198,3 +198,81 @@ def test_linear_logprobs_no_grad_and_bad_inputs():
         ops.linear_logprobs(hidden, weight, targets, temperature=0.0)
     with pytest.raises(ValueError, match="dtype"):
         ops.linear_logprobs(hidden, weight.double(), targets)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 50\].*got 51"):
+        ops.linear_logprobs(hidden, weight, targets, vocab_size=51)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[1, 50\].*got 0"):
+        ops.linear_logprobs(hidden, weight, targets, vocab_size=0)
+    with pytest.raises(ValueError, match=r"targets must be ids in \[0, 40\), got 4[0-9]"):
+        ops.linear_logprobs(hidden, weight, torch.tensor([1, 2, 3, 45]), vocab_size=40)
+    with pytest.raises(ValueError, match=r"targets must be ids in \[0, 50\), got -1"):
+        ops.linear_logprobs(hidden, weight, torch.tensor([1, 2, 3, -1]))
+    old, adv, mask = torch.zeros(4), torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match=r"linear_ppo_loss: targets must be ids in \[0, 40\)"):
+        ops.linear_ppo_loss(hidden, weight, torch.tensor([1, 2, 3, 45]), old, adv, mask, vocab_size=40)
+
+
+PAD_CASES = [
+    # real vocabulary, weight rows (padded): logits over all rows / a 64-aligned prefix / a short shard
+    (1000, 1024),
+    (1001, 1152),
+    (7, 128),
+]
+
+
+def _padded(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` with padding rows of large logits appended: any of them taken into the softmax would show."""
+    pad = torch.full((rows - weight.shape[0], weight.shape[1]), 4.0).to(weight.dtype)
+    return torch.cat([weight, pad])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V,rows", PAD_CASES)
+def test_padded_vocab_is_outside_logprobs_and_entropy(backend, dtype, V, rows):
+    """``vocab_size=V`` on a padded weight equals the op on its first V rows; the padding gets no gradient."""
+    T, H = 19, 16
+    hidden, weight, targets, gen = _inputs(T, H, V, dtype, seed=V)
+    g_logp = torch.randn(T, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(T, generator=gen, dtype=torch.float64)
+
+    def op(h, w):
+        kw = dict(temperature=0.9, return_entropy=True, vocab_size=V, chunk_tokens=8)
+        return linear_logprobs_chunked(h, w, targets, use_triton=backend == "triton", **kw)
+
+    def eager(h, w):
+        return linear_logprobs_ref(h, w, targets, 0.9, return_entropy=True)
+
+    got = _run(op, hidden, _padded(weight, rows), g_logp, g_ent)
+    assert got[3].shape == (rows, H) and not got[3][V:].any()
+    same = _run(eager, hidden, weight, g_logp, g_ent)
+    ref = _run(eager, hidden.double(), weight.double(), g_logp, g_ent)
+    _check_three_runs((*got[:3], got[3][:V]), same, ref, dtype)
+    whole = ops.linear_logprobs(hidden, _padded(weight, rows), targets, temperature=0.9, vocab_size=V, backend=backend)
+    torch.testing.assert_close(whole, got[0].float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V,rows", PAD_CASES)
+def test_padded_vocab_is_outside_the_fused_ppo_loss(backend, V, rows):
+    T, H = 23, 16
+    hidden, weight, targets, gen = _inputs(T, H, V, torch.float32, seed=V + 1)
+    old = torch.randn(T, generator=gen) * 0.3 - 2.0
+    adv = torch.randn(T, generator=gen)
+    mask = torch.rand(T, generator=gen) < 0.7
+    padded = _padded(weight, rows)
+    runs = {}
+    for name, w, vocab in (("padded", padded, V), ("real", weight, None)):
+        h, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, stats = ops.linear_ppo_loss(
+            h, w, targets, old, adv, mask, return_entropy=True, vocab_size=vocab, backend=backend
+        )
+        loss.backward()
+        runs[name] = (loss, stats, h.grad, w.grad)
+    (loss, stats, dh, dw), (loss_r, stats_r, dh_r, dw_r) = runs["padded"], runs["real"]
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, loss_r, **tol)
+    for key in ("clipfrac", "approx_kl", "entropy", "ratio_max"):
+        torch.testing.assert_close(stats[key], stats_r[key], **tol, msg=key)
+    torch.testing.assert_close(dh, dh_r, **tol)
+    torch.testing.assert_close(dw[:V], dw_r, **tol)
+    assert not dw[V:].any()

@@ -1,5 +1,6 @@
 """The scale planner: layouts, the memory model against hand counts and a measured CPU step, the ORZ plans."""
 
+import dataclasses
 import json
 
 import pytest
@@ -128,3 +129,43 @@ def test_cli_table_and_json(capsys):
     assert main(["--model", "orz-7b", "--gpus", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["recommended"] == data["layouts"][0]["layout"]
+
+
+def test_odd_vocabulary_151665_at_tp8_counts_the_padded_rows(tmp_path):
+    shape = {**QWEN25_SHAPES["Qwen/Qwen2.5-32B"], "vocab_size": 151665}
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    spec, _ = resolve_model(str(tmp_path))
+    assert layout_error(spec, Layout(8, 1, 1)) is None
+    # the model pads 151,665 to a multiple of 128 x TP: 152,576 rows at TP 8, 151,680 at TP 1
+    for tp, padded in ((8, 152576), (1, 151680)):
+        aligned = dataclasses.replace(spec, vocab_size=padded)
+        for role in ("policy", "critic"):
+            assert stage_param_numels(spec, tp, 1, 0, role) == stage_param_numels(aligned, tp, 1, 0, role)
+    assert stage_param_numels(spec, 8, 1, 0, "policy")[-1] == 152576 // 8 * 5120
+    assert stage_param_numels(spec, 8, 1, 0, "policy", vocab_pad_multiple=1)[-1] == 151672 // 8 * 5120
+    rows = {r.layout: r for r in plan(str(tmp_path), 8).layouts}
+    assert "TP8xPP1xDP1" in rows
+    numels = sum(stage_param_numels(spec, 8, 1, 0, "policy")) + sum(stage_param_numels(spec, 8, 1, 0, "critic"))
+    assert rows["TP8xPP1xDP1"].weights == 2 * numels  # bf16
+
+
+def test_kv_budget_is_the_fraction_of_memory_left_after_the_resident_state(capsys):
+    bf16 = "model.dtype=bfloat16"
+    kv_tok = 2 * 2 * 2 * 16 * 2  # K and V, 2 layers, 2 KV heads, head dim 16, bf16: the tiny preset
+    block = 16 * kv_tok
+    row = plan("tiny", 1, overrides=[bf16]).layouts[0]
+    free = 80 * GIB - 2 * GIB - row.weights  # the optimizer states are offloaded for the rollout
+    assert row.kv_budget == int(0.9 * free) // block * block
+    assert row.kv_tokens == row.kv_budget // kv_tok
+    assert 0 < row.kv_cache <= row.kv_budget  # capped at what the step's requests can use
+    half = plan("tiny", 1, overrides=[bf16, "rollout.kv_cache_fraction=0.45"]).layouts[0]
+    assert half.kv_budget == int(0.45 * free) // block * block
+    fixed = plan("tiny", 1, overrides=[bf16, "rollout.kv_cache_bytes=1048576"]).layouts[0]
+    assert fixed.kv_budget == 1048576 and fixed.kv_tokens == 1048576 // kv_tok
+    cpu = plan("tiny", 1, device="cpu").layouts[0]
+    assert cpu.kv_budget == GIB and cpu.kv_tokens == GIB // (2 * kv_tok)  # fp32 on CPU
+    # the rollout's own work must fit beside the KV cache: all of the free memory for KV fits no layout
+    assert plan("orz-7b", 8).recommended is not None
+    assert plan("orz-7b", 8, overrides=["rollout.kv_cache_fraction=1.0"]).recommended is None
+    assert main(["--model", "tiny", "--gpus", "1", "--set", "rollout.kv_cache_bytes=1048576"]) == 0
+    assert "| KV budget (tokens) |" in capsys.readouterr().out.splitlines()[2]

@@ -127,6 +127,24 @@ def test_greedy_matches_transformers(models):
     assert small.last_stats["steps"] > max(lengths) + 1
 
 
+def test_odd_vocabulary_never_samples_padding(tmp_path):
+    """131 ids padded to 256 rows: greedy equals transformers, and hot sampling over the real ids only (the
+    zero padding rows would be about half the draws if they were not masked)."""
+    hf, model = hf_and_orz({**QWEN2, "vocab_size": 131}, tmp_path)
+    assert model.padded_vocab_size == 256
+    prompts = make_prompts([5, 12, 20], 131, seed=1)
+    engine = NativeEngine(model)
+    out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert [cs[0].token_ids for cs in out] == [hf_greedy(hf, p, 24) for p in prompts]
+    hot = engine.generate(prompts, SamplingParams(n=8, temperature=2.0, seed=3, max_tokens=24))
+    ids = [t for cs in hot for c in cs for t in c.token_ids]
+    assert max(ids) < 131 and len(set(ids)) > 60
+    c = hot[0][0]
+    want = torch.log_softmax(full_logits(model, prompts[0], c.token_ids) / 2.0, dim=-1)
+    got = want.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(c.logprobs), got, rtol=0, atol=1e-4)
+
+
 def test_logprobs_equal_full_forward_log_softmax(qwen):
     params = SamplingParams(n=3, temperature=0.7, top_p=0.95, top_k=50, seed=1234, max_tokens=24)
     out = NativeEngine(qwen, block_size=8).generate(PROMPTS[:3], params)

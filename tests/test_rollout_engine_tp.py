@@ -1,4 +1,4 @@
-"""Native engine with TP=2 (torchrun, gloo) produces the TP=1 outputs; PP=2 is refused."""
+"""Native engine with TP=2 and PP=2 (torchrun, gloo) produces the TP=1 outputs, odd vocabularies included."""
 
 import json
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollout_tp_worker import run_engine
+from rollout_tp_worker import ODD_TP_ARCH, ODD_TP_PROMPTS, run_engine
 
 from orz_fast import parallel
 
@@ -53,6 +53,13 @@ def test_tp2_matches_tp1(tp2_result, tp1_result):
     # A non-trivial run: greedy and sampled outputs differ, and all have the requested length.
     assert any(g[0] != s[0] for g, s in zip(tp1_result["greedy"], tp1_result["sampled"], strict=True))
     assert all(len(t) == 24 for cs in tp1_result["sampled"] for t in cs)
+
+
+def test_odd_vocabulary_tp2_matches_tp1(tp2_result, tp1_result):  # tp1_result: one process set up
+    ref = run_engine(ODD_TP_ARCH, ODD_TP_PROMPTS)
+    _assert_same_generations(tp2_result["odd_vocab"], ref)
+    ids = [t for key in ("greedy", "sampled") for cs in ref[key] for c in cs for t in c]
+    assert max(ids) < ODD_TP_ARCH["vocab_size"]
 
 
 def test_tp2_unseeded_sampling_agrees_across_ranks(tp2_result):

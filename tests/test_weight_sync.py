@@ -286,7 +286,7 @@ def test_vllm_completion_is_converted_with_sampled_token_logprobs():
 @pytest.mark.skipif(HAS_VLLM, reason="checks the error raised when vllm is missing, and vllm is installed")
 def test_vllm_engine_without_vllm_says_how_to_install(tmp_path):
     with pytest.raises(ImportError, match=r"pip install orz_fast\[vllm\]"):
-        VllmEngine(tmp_path)
+        VllmEngine(tmp_path, kv_cache_bytes=1 << 28)
 
 
 @pytest.mark.skipif(
@@ -298,7 +298,7 @@ def test_vllm_greedy_after_update_weights_equals_transformers(tmp_path):
     hf = make_hf_checkpoint(arch, tmp_path / "ckpt", seed=7).cuda()
     policy = load_pretrained(tmp_path / "ckpt", device="cuda")
     engine = VllmEngine(
-        tmp_path / "ckpt", skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True
+        tmp_path / "ckpt", skip_tokenizer_init=True, dtype="float32", kv_cache_bytes=256 << 20, enforce_eager=True
     )
     prompts = [[3, 17, 42, 99, 5], [200, 1], [7] * 9]
     greedy = SamplingParams(temperature=0.0, max_tokens=8)

@@ -12,6 +12,13 @@ With a tensor-parallel group the weight is this rank's vocab shard ``[V/tp, H]``
 rank r holding ids ``[r * V/tp, (r + 1) * V/tp)``) and the four vectors are combined across
 ranks with one MAX and one SUM all-reduce of [T]-sized tensors.
 
+A padded vocabulary (``vocab_size`` below the weight's rows, or below ``tp * V/tp``): ids from
+``vocab_size`` on are excluded from the softmax by narrowing, not masking. Each rank keeps the
+first ``valid`` rows of its shard (the ids below ``vocab_size``; possibly none), the logits GEMM
+runs over ``valid`` rounded up to a multiple of 64 rows (an aligned row stride for the GEMM
+output) and the row kernels read only the first ``valid`` columns, so the hot loops are the
+unpadded ones. The gradient of the padding rows is zero.
+
 Backward recomputes each chunk's logits, turns them in place into
 ``dz = (g_logp * (onehot - p) - g_ent * p * (z - w/s)) / temperature`` with a second row
 kernel, then ``dhidden = dz @ weight`` and ``dweight += dz.T @ hidden`` (dweight accumulated
@@ -32,6 +39,7 @@ from orz_fast.kernels.utils import check_triton_device, next_power_of_2
 
 _CHUNK_BYTES = 1 << 30
 _MAX_BV = 4096
+_ALIGN_COLS = 64
 
 
 @triton.jit
@@ -145,8 +153,11 @@ def row_stats(
             )
         return stats
     z = logits.float() * inv_temp if inv_temp != 1.0 else logits.float()
-    # (m, s) only matter through m + log s, so the torch path stores (lse, 1)
+    # (m, s) only matter through m + log s, so the torch path stores (lse, 1); an empty shard gives lse = -inf
     lse = torch.logsumexp(z, dim=1)
+    if V == 0:
+        zeros = torch.zeros_like(lse)
+        return torch.stack([lse, torch.ones_like(lse), zeros, zeros])
     w = torch.exp(z - lse[:, None]).mul_(z).sum(dim=1) if entropy else torch.zeros_like(lse)
     local = targets.to(torch.int64) - vocab_start
     in_shard = (local >= 0) & (local < V)
@@ -189,6 +200,8 @@ def row_grads_(
                 num_warps=8,
             )
         return logits
+    if V == 0:
+        return logits
     z = logits.float() * inv_temp if inv_temp != 1.0 else logits.float()
     p = torch.exp(z - lse[:, None])
     if dent is not None:
@@ -230,26 +243,42 @@ def vocab_start_of(weight: torch.Tensor, tp_group: dist.ProcessGroup | None) -> 
     return dist.get_rank(tp_group) * weight.shape[0]
 
 
+def shard_columns(rows: int, vocab_start: int, vocab_size: int | None) -> tuple[int, int]:
+    """``(valid, cols)`` of a vocab shard of ``rows`` rows whose first id is ``vocab_start``.
+
+    ``valid``: its rows with an id below ``vocab_size`` (all of them when ``vocab_size`` is None;
+    0 for a shard of padding only). ``cols``: the rows the logits GEMM covers, ``valid`` rounded up
+    to a multiple of 64 within the shard, so the [Tc, cols] logits keep an aligned row stride.
+    """
+    if vocab_size is None:
+        return rows, rows
+    valid = min(rows, max(0, vocab_size - vocab_start))
+    return valid, min(rows, -(-valid // _ALIGN_COLS) * _ALIGN_COLS)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Chunked log-probs (and entropy) of a linear head; backward recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, tp_group, return_entropy, use_triton, chunk_tokens):
+    def forward(
+        ctx, hidden, weight, targets, temperature, tp_group, return_entropy, use_triton, chunk_tokens, vocab_size
+    ):
         T = hidden.shape[0]
-        V = weight.shape[0]
         targets = targets.contiguous()
         inv_temp = 1.0 / temperature
         vocab_start = vocab_start_of(weight, tp_group)
-        Tc = chunk_tokens or chunk_tokens_for(T, V, hidden.dtype)
+        valid, cols = shard_columns(weight.shape[0], vocab_start, vocab_size)
+        w = weight[:cols]
+        Tc = chunk_tokens or chunk_tokens_for(T, cols, hidden.dtype)
         stats = torch.empty(4, T, dtype=torch.float32, device=hidden.device)
         for t0 in range(0, T, Tc):
-            logits = hidden[t0 : t0 + Tc] @ weight.T
+            logits = (hidden[t0 : t0 + Tc] @ w.T)[:, :valid]
             stats[:, t0 : t0 + Tc] = row_stats(
                 logits, targets[t0 : t0 + Tc], vocab_start, inv_temp, return_entropy, use_triton
             )
         lse, mu, logp = combine_vocab_stats(stats, tp_group)
         ctx.save_for_backward(hidden, weight, targets, lse, mu)
-        ctx.config = (inv_temp, tp_group, return_entropy, use_triton, Tc, vocab_start)
+        ctx.config = (inv_temp, tp_group, return_entropy, use_triton, Tc, vocab_start, valid, cols)
         if return_entropy:
             return logp, lse - mu
         return logp
@@ -257,7 +286,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, *grad_rest):
         hidden, weight, targets, lse, mu = ctx.saved_tensors
-        inv_temp, tp_group, return_entropy, use_triton, Tc, vocab_start = ctx.config
+        inv_temp, tp_group, return_entropy, use_triton, Tc, vocab_start, valid, cols = ctx.config
         T, H = hidden.shape
         # incoming gradients may be stride-0 expansions (from .sum()); the kernels index them densely
         dlogp = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
@@ -270,10 +299,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
             torch.empty(T, H, dtype=torch.float32 if tp else hidden.dtype, device=hidden.device) if need_dh else None
         )
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+        w = weight[:cols]
         for t0 in range(0, T, Tc):
             sl = slice(t0, t0 + Tc)
             dz = row_grads_(
-                hidden[sl] @ weight.T,
+                (hidden[sl] @ w.T)[:, :valid],
                 targets[sl],
                 vocab_start,
                 inv_temp,
@@ -283,12 +313,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 dent[sl] if dent is not None else None,
                 use_triton,
             )
-            accumulate_linear_grads(dz, hidden[sl], weight, dhidden[sl] if need_dh else None, dweight)
+            accumulate_linear_grads(
+                dz, hidden[sl], w[:valid], dhidden[sl] if need_dh else None, dweight[:valid] if need_dw else None
+            )
         if need_dh and tp:
             dist.all_reduce(dhidden, group=tp_group)
         return (
             dhidden.to(hidden.dtype) if need_dh else None,
             dweight.to(weight.dtype) if need_dw else None,
+            None,
             None,
             None,
             None,
@@ -305,7 +338,8 @@ def accumulate_linear_grads(
     dhidden_out: torch.Tensor | None,
     dweight_acc: torch.Tensor | None,
 ) -> None:
-    """``dhidden_out = dz @ weight`` and ``dweight_acc += dz.T @ hidden`` (fp32 accumulator)."""
+    """``dhidden_out = dz @ weight`` and ``dweight_acc += dz.T @ hidden`` (fp32 accumulator; ``dz`` may be
+    a column slice of a wider buffer)."""
     if dhidden_out is not None:
         if dhidden_out.dtype == dz.dtype:
             torch.matmul(dz, weight, out=dhidden_out)
@@ -328,13 +362,16 @@ def linear_logprobs_chunked(
     return_entropy: bool = False,
     use_triton: bool = True,
     chunk_tokens: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Log-probs fp32 [T] (and entropy fp32 [T]) of ``hidden [T, H] @ weight [V, H].T / temperature``.
 
-    ``chunk_tokens`` overrides the rows per chunk (tests use it to force several chunks).
+    ``vocab_size``: the real vocabulary; ids from it on (padding rows of ``weight``, on any TP rank)
+    are left out of the softmax. ``chunk_tokens`` overrides the rows per chunk (tests use it to
+    force several chunks).
     """
     return LinearLogprobsFunction.apply(
-        hidden, weight, targets, float(temperature), tp_group, return_entropy, use_triton, chunk_tokens
+        hidden, weight, targets, float(temperature), tp_group, return_entropy, use_triton, chunk_tokens, vocab_size
     )
 
 

@@ -8,6 +8,8 @@ kernel turns the logits in place into ``dz``, and two GEMMs give ``dhidden`` for
 and add the chunk's part of ``dweight`` (fp32). That is the three GEMMs the math needs and no
 recomputation; backward only scales the stored gradients by ``grad_out``. Normalising by the
 number of masked tokens uses ``mask.sum()`` computed up front as a tensor (no host sync).
+A padded vocabulary (``vocab_size``) is narrowed as in ``linear_logprobs``: padding ids never
+enter the softmax, the entropy or the gradient.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from orz_fast.kernels.linear_logprobs import (
     combine_vocab_stats,
     row_grads_,
     row_stats,
+    shard_columns,
     vocab_start_of,
 )
 from orz_fast.kernels.ppo_policy_loss import STAT_NAMES, policy_loss_terms
@@ -45,13 +48,15 @@ class LinearPPOLossFunction(torch.autograd.Function):
         use_triton,
         chunk_tokens,
         entropy,
+        vocab_size,
     ):
         T, H = hidden.shape
-        V = weight.shape[0]
         targets = targets.contiguous()
         inv_temp = 1.0 / temperature
         vocab_start = vocab_start_of(weight, tp_group)
-        Tc = chunk_tokens or chunk_tokens_for(T, V, hidden.dtype)
+        valid, cols = shard_columns(weight.shape[0], vocab_start, vocab_size)
+        w = weight[:cols]
+        Tc = chunk_tokens or chunk_tokens_for(T, cols, hidden.dtype)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tp = tp_group is not None and dist.get_world_size(tp_group) > 1
         mask_f = mask.to(torch.float32)
@@ -67,7 +72,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         ratio_max = torch.full((), -torch.inf, dtype=torch.float32, device=hidden.device)
         for t0 in range(0, T, Tc):
             sl = slice(t0, t0 + Tc)
-            logits = hidden[sl] @ weight.T
+            logits = (hidden[sl] @ w.T)[:, :valid]
             lse, mu, logp = combine_vocab_stats(
                 row_stats(logits, targets[sl], vocab_start, inv_temp, entropy, use_triton), tp_group
             )
@@ -86,7 +91,9 @@ class LinearPPOLossFunction(torch.autograd.Function):
                 dz = row_grads_(
                     logits, targets[sl], vocab_start, inv_temp, lse, mu, grad_t * m * inv_count, None, use_triton
                 )
-                accumulate_linear_grads(dz, hidden[sl], weight, dhidden[sl] if need_dh else None, dweight)
+                accumulate_linear_grads(
+                    dz, hidden[sl], w[:valid], dhidden[sl] if need_dh else None, dweight[:valid] if need_dw else None
+                )
         if need_dh and tp:
             dist.all_reduce(dhidden, group=tp_group)
         ctx.save_for_backward(dhidden if need_dh else None, dweight)
@@ -111,7 +118,7 @@ class LinearPPOLossFunction(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = (dhidden.float() * grad_loss).to(h_dtype) if dhidden is not None else None
         dw = (dweight * grad_loss).to(w_dtype) if dweight is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_ppo_loss_chunked(
@@ -129,10 +136,12 @@ def linear_ppo_loss_chunked(
     use_triton: bool = True,
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped loss (0-dim fp32) and stats from ``hidden [T, H]``, ``weight [V, H]``, ``targets [T]``;
     with ``return_entropy`` the stats also hold ``entropy``, the masked token mean of the policy's
-    entropy (a metric: no gradient flows through it), from the same pass over the logits."""
+    entropy (a metric: no gradient flows through it), from the same pass over the logits.
+    ``vocab_size``: the real vocabulary; ids from it on (padding rows) are left out."""
     loss, *stats = LinearPPOLossFunction.apply(
         hidden,
         weight,
@@ -147,6 +156,7 @@ def linear_ppo_loss_chunked(
         use_triton,
         chunk_tokens,
         return_entropy,
+        vocab_size,
     )
     *stats, entropy = stats
     out = dict(zip(STAT_NAMES, stats, strict=True))

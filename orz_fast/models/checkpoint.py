@@ -9,6 +9,12 @@ another rank's rows). Export goes the other way, one tensor at a time (:func:`it
 shared by saving and by the rollout engines' weight sync): each parameter's shard is broadcast
 over PP, all-gathered over TP and un-fused; for saving, global rank 0 collects them and writes
 the directory.
+
+The embedding and LM head are the exception to equal chunks of the checkpoint tensor: the
+model pads the vocabulary to ``padded_vocab_size`` rows (see ``decoder.py``), so their layout
+carries ``padded_rows``. Loading reads each rank's rows that exist in the checkpoint and fills
+the rest with zeros (a rank may hold padding only); export drops the padding rows, so every
+exported tensor has the checkpoint's ``vocab_size`` rows.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from safetensors.torch import save_file
 
 from orz_fast import parallel
 from orz_fast.models.decoder import CriticModel, DecoderStage, PolicyModel
-from orz_fast.models.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+from orz_fast.models.spec import SUPPORTED_ARCHITECTURES, VOCAB_PAD_MULTIPLE, ModelSpec
 
 Role = Literal["policy", "critic"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,6 +51,9 @@ class ParamLayout:
     """Hugging Face tensor names, concatenated (per TP chunk) along dim 0 in this order."""
     split_dim: int | None
     """Dimension split over TP ranks; ``None`` for a replicated parameter."""
+    padded_rows: int | None = None
+    """The vocabulary's padded size (embedding, LM head): dim 0 is zero-padded to it before the TP
+    split. ``None``: the pieces split as they are."""
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -71,16 +80,19 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def stage_layouts(spec: ModelSpec, *, role: Role | None, stage: int, pp: int) -> dict[str, ParamLayout]:
+def stage_layouts(
+    spec: ModelSpec, *, role: Role | None, stage: int, pp: int, padded_vocab: int
+) -> dict[str, ParamLayout]:
     """Layout of every parameter of pipeline stage ``stage`` of ``pp``, keyed by its module name on that stage.
 
-    ``role`` is the head on the last stage (``None``: the bare trunk). Every rank can compute any
+    ``role`` is the head on the last stage (``None``: the bare trunk); ``padded_vocab`` the model's
+    embedding / LM-head rows (``DecoderStage.padded_vocab_size``). Every rank can compute any
     stage's layouts, which is how stages that do not hold a parameter know what to receive.
     """
     first, last = stage == 0, stage == pp - 1
     out: dict[str, ParamLayout] = {}
     if first:
-        out["embed.weight"] = ParamLayout(("model.embed_tokens.weight",), 0)
+        out["embed.weight"] = ParamLayout(("model.embed_tokens.weight",), 0, padded_vocab)
     for local, g in enumerate(spec.stage_layers(stage, pp)):
         m, p = f"layers.{local}.", f"model.layers.{g}."
         attn = p + "self_attn."
@@ -99,7 +111,7 @@ def stage_layouts(spec: ModelSpec, *, role: Role | None, stage: int, pp: int) ->
         # A tied head on the embedding's own stage reuses the embedding's shard (no parameter of its own).
         if role == "policy" and not (spec.tie_word_embeddings and first):
             head = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-            out["output_layer.weight"] = ParamLayout((head,), 0)
+            out["output_layer.weight"] = ParamLayout((head,), 0, padded_vocab)
         if role == "critic":
             out["value_head.weight"] = ParamLayout(("value_head.weight",), None)
     return out
@@ -113,7 +125,13 @@ def _role(model: DecoderStage) -> Role | None:
 
 def param_layouts(model: DecoderStage) -> dict[str, ParamLayout]:
     """Layout of every parameter of ``model`` (one stage, one TP rank), keyed by its module name."""
-    out = stage_layouts(model.spec, role=_role(model), stage=parallel.pp_rank(), pp=parallel.pp_size())
+    out = stage_layouts(
+        model.spec,
+        role=_role(model),
+        stage=parallel.pp_rank(),
+        pp=parallel.pp_size(),
+        padded_vocab=model.padded_vocab_size,
+    )
     names = {n for n, _ in model.named_parameters()}
     if names != set(out):
         raise RuntimeError(f"parameter layout out of sync with the module: {sorted(names ^ set(out))}")
@@ -241,10 +259,24 @@ def _read_param(source: TensorSource, layout: ParamLayout, shapes: dict[str, tup
             )
         if layout.split_dim is None:
             parts.append(source.chunk(name, None, 0, 0))
-        else:
+        elif layout.padded_rows is None:
             n = got[layout.split_dim] // tp
             parts.append(source.chunk(name, layout.split_dim, rank * n, (rank + 1) * n))
+        else:
+            parts.append(_padded_chunk(source, name, got, layout.padded_rows // tp, rank))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _padded_chunk(source: TensorSource, name: str, shape: tuple[int, ...], rows: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ``rows`` rows of tensor ``name`` zero-padded past its ``shape[0]`` rows (the vocabulary)."""
+    start, stop = rank * rows, min((rank + 1) * rows, shape[0])
+    if stop >= start + rows:
+        return source.chunk(name, 0, start, stop)
+    real = source.chunk(name, 0, start, stop) if stop > start else None
+    out = torch.zeros((rows, *shape[1:]), dtype=real.dtype if real is not None else torch.float32)
+    if real is not None:
+        out[: stop - start] = real
+    return out
 
 
 @torch.no_grad()
@@ -314,12 +346,14 @@ def load_pretrained(
     device: torch.device | str | None = None,
     activation_checkpointing: bool = False,
     value_head_seed: int = 0,
+    vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE,
 ) -> PolicyModel | CriticModel:
     """This rank's TP x PP shard of a Qwen2 / Llama-family checkpoint.
 
     ``path`` is a Hugging Face directory (config.json + single or sharded safetensors) or a
     ``.gguf`` file. ``role="critic"`` loads the trunk and the value head when the checkpoint
-    has one (a saved critic), else a fresh value head seeded by ``value_head_seed``.
+    has one (a saved critic), else a fresh value head seeded by ``value_head_seed``. The
+    vocabulary is padded to a multiple of ``vocab_pad_multiple * tp`` rows (zeros).
     Requires :func:`orz_fast.parallel.initialize`; the default device is CUDA when available.
     """
     path = Path(path)
@@ -334,7 +368,13 @@ def load_pretrained(
         ModelSpec.from_hf_config(cfg)  # reject an unsupported architecture before opening the weights
         source = SafetensorsSource(path)
     spec = ModelSpec.from_hf_config(cfg)
-    model = _model_class(role)(spec, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing)
+    model = _model_class(role)(
+        spec,
+        dtype=dtype,
+        device=device,
+        activation_checkpointing=activation_checkpointing,
+        vocab_pad_multiple=vocab_pad_multiple,
+    )
     load_weights(model, source, fresh_value_head_seed=value_head_seed)
     return model
 
@@ -347,10 +387,18 @@ def build_model(
     device: torch.device | str | None = None,
     activation_checkpointing: bool = False,
     seed: int = 0,
+    vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE,
 ) -> PolicyModel | CriticModel:
-    """A random-weight model from Hugging Face config fields (``ModelConfig.arch``), identical in every layout."""
+    """A random-weight model from Hugging Face config fields (``ModelConfig.arch``), identical in every layout
+    (the real vocabulary rows too; padding rows are zero)."""
     spec = ModelSpec.from_hf_config(arch)
-    model = _model_class(role)(spec, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing)
+    model = _model_class(role)(
+        spec,
+        dtype=dtype,
+        device=device,
+        activation_checkpointing=activation_checkpointing,
+        vocab_pad_multiple=vocab_pad_multiple,
+    )
     load_weights(model, RandomSource(spec, seed))
     return model
 
@@ -372,6 +420,7 @@ def model_from_config(
         "dtype": dtype,
         "device": device,
         "activation_checkpointing": model_cfg.activation_checkpointing,
+        "vocab_pad_multiple": model_cfg.vocab_pad_multiple,
     }
     if path is not None:
         return load_pretrained(path, value_head_seed=seed, **kwargs)
@@ -387,6 +436,8 @@ def _shard_shape(layout: ParamLayout, shapes: dict[str, tuple[int, ...]], tp: in
     chunks = []
     for name in layout.pieces:
         shape = list(shapes[name])
+        if layout.padded_rows is not None:
+            shape[0] = layout.padded_rows
         if layout.split_dim is not None:
             shape[layout.split_dim] //= tp
         chunks.append(shape)
@@ -394,18 +445,22 @@ def _shard_shape(layout: ParamLayout, shapes: dict[str, tuple[int, ...]], tp: in
 
 
 def _gather_tp(tensor: torch.Tensor, layout: ParamLayout, shapes: dict[str, tuple[int, ...]]) -> Iterator:
-    """(hf_name, full tensor) pairs of one parameter (or its gradient), all-gathered over the TP group."""
+    """(hf_name, full tensor) pairs of one parameter (or its gradient), all-gathered over the TP group;
+    vocabulary padding rows are dropped."""
     tp = parallel.tp_size()
     if layout.split_dim is None or tp == 1:
         shards = [tensor]
     else:
         shards = [torch.empty_like(tensor) for _ in range(tp)]
         dist.all_gather(shards, tensor.contiguous(), group=parallel.tp_group())
-    sizes = [shapes[n][0] // tp if layout.split_dim == 0 else shapes[n][0] for n in layout.pieces]
+    rows = [layout.padded_rows or shapes[n][0] for n in layout.pieces]
+    sizes = [r // tp if layout.split_dim == 0 else r for r in rows]
     per_rank = [s.split(sizes, dim=0) for s in shards]
     for i, name in enumerate(layout.pieces):
         chunks = [r[i] for r in per_rank]
         full = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=layout.split_dim)
+        if layout.padded_rows is not None:
+            full = full[: shapes[name][0]]
         yield name, full.contiguous()
 
 
@@ -418,10 +473,11 @@ def iter_hf_tensors(model: DecoderStage, *, grads: bool = False) -> Iterator[tup
     stage holding it to the other stages, all-gathered over TP and split into its Hugging Face
     pieces (fused QKV into q/k/v per query group, fused gate/up into gate and up per TP chunk),
     so every rank yields the same sequence: the shapes of :func:`expected_shapes` (vocab rows
-    exactly ``vocab_size``), the parameters' dtype, the model's device. A tied LM head is not
-    yielded (``model.embed_tokens.weight`` is). With ``grads`` the gradients are yielded
-    instead, zeros where a gradient is missing. Extra memory: one parameter's shards and its
-    full tensor. With TP = PP = 1 the tensors alias the parameters: copy before modifying.
+    exactly ``vocab_size``: the padding rows are dropped), the parameters' dtype, the model's
+    device. A tied LM head is not yielded (``model.embed_tokens.weight`` is). With ``grads``
+    the gradients are yielded instead, zeros where a gradient is missing. Extra memory: one
+    parameter's shards and its full tensor. With TP = PP = 1 the tensors alias the parameters:
+    copy before modifying.
     """
     spec = model.spec
     shapes = expected_shapes(spec)
@@ -429,7 +485,8 @@ def iter_hf_tensors(model: DecoderStage, *, grads: bool = False) -> Iterator[tup
     params = dict(model.named_parameters())
     ref = next(iter(params.values()))
     for stage in range(pp):
-        for pname, layout in stage_layouts(spec, role=_role(model), stage=stage, pp=pp).items():
+        layouts = stage_layouts(spec, role=_role(model), stage=stage, pp=pp, padded_vocab=model.padded_vocab_size)
+        for pname, layout in layouts.items():
             if pname == "output_layer.weight" and spec.tie_word_embeddings:
                 continue  # the last stage's copy of a tied embedding (pp > 1); the first stage yields it
             if stage == my_stage:

@@ -10,6 +10,12 @@ Per TP rank the Q/K/V projections are one fused ``ColumnParallelLinear`` whose o
 this rank's [q heads | k heads | v heads], and gate/up are one fused column-parallel
 GEMM laid out [gate | up]; ``checkpoint.py`` maps Hugging Face tensors to and from this
 layout.
+
+The embedding and the LM head have ``padded_vocab_size`` rows (the real vocabulary rounded up
+to a multiple of ``vocab_pad_multiple * tp``, as Megatron pads it), split into equal TP shards.
+The padding rows are zero; they are never a token: :meth:`PolicyModel.logits` drops their
+columns, the log-prob ops exclude them (``vocab_size=model.spec.vocab_size``) and checkpoint
+export strips them.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from orz_fast import parallel
 from orz_fast.models.attention import PackedSegments, packed_causal_attention, segment_positions
-from orz_fast.models.spec import ModelSpec
+from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, ModelSpec, padded_vocab_size
 
 
 @dataclass(kw_only=True)
@@ -176,6 +182,9 @@ class DecoderStage(nn.Module):
     later stages take the activation given to :meth:`set_input_tensor`), ``cu_seqlens``
     int [N+1]. Returns the final-normed hidden states [T, H] on the last stage and the
     [T, 1, H] activation for the next stage elsewhere.
+
+    ``vocab_pad_multiple``: the embedding (and LM head) rows are ``spec.vocab_size`` rounded up
+    to a multiple of ``vocab_pad_multiple * tp`` (:attr:`padded_vocab_size`).
     """
 
     model_type = ModelType.encoder_or_decoder
@@ -187,12 +196,15 @@ class DecoderStage(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         activation_checkpointing: bool = False,
+        vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE,
     ) -> None:
         super().__init__()
         tp, pp, pp_rank = parallel.tp_size(), parallel.pp_size(), parallel.pp_rank()
         spec.check_layout(tp, pp)
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.spec = spec
+        self.padded_vocab_size = padded_vocab_size(spec.vocab_size, tp, vocab_pad_multiple)
+        """Rows of the embedding and LM head over all TP ranks (``spec.vocab_size`` is the real vocabulary)."""
         self.activation_checkpointing = activation_checkpointing
         self.config = StageConfig(
             tensor_model_parallel_size=tp,
@@ -209,7 +221,7 @@ class DecoderStage(nn.Module):
         self.layer_ids = spec.stage_layers(pp_rank, pp)
         if self.is_first_stage:
             self.embed = VocabParallelEmbedding(
-                spec.vocab_size, spec.hidden_size, init_method=_no_init, config=self.config
+                self.padded_vocab_size, spec.hidden_size, init_method=_no_init, config=self.config
             )
         self.layers = nn.ModuleList(DecoderLayer(spec, self.config, tp) for _ in self.layer_ids)
         if self.is_last_stage:
@@ -256,7 +268,8 @@ class PolicyModel(DecoderStage):
     """Causal LM: the trunk plus the vocab-parallel LM head (its weight is :attr:`output_weight`).
 
     ``forward`` returns hidden states [T, H] on the last stage; the log-probs are computed
-    from them and ``output_weight`` by ``orz_fast.ops.linear_logprobs`` without holding [T, V].
+    from them and ``output_weight`` by ``orz_fast.ops.linear_logprobs`` without holding [T, V]
+    (pass ``vocab_size=model.spec.vocab_size``: the weight's padding rows are not tokens).
     """
 
     def __init__(self, spec: ModelSpec, **kwargs) -> None:
@@ -266,7 +279,7 @@ class PolicyModel(DecoderStage):
             share = spec.tie_word_embeddings and self.is_first_stage
             self.output_layer = ColumnParallelLinear(
                 spec.hidden_size,
-                spec.vocab_size,
+                self.padded_vocab_size,
                 config=self.config,
                 init_method=_no_init,
                 bias=False,
@@ -286,15 +299,20 @@ class PolicyModel(DecoderStage):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """This TP rank's LM-head rows [V / tp, H] (vocab ids ``tp_rank * V/tp ...``); last stage only."""
+        """This TP rank's LM-head rows [Vp / tp, H] (vocab ids ``tp_rank * Vp/tp ...``, Vp =
+        :attr:`padded_vocab_size`; ids from ``spec.vocab_size`` on are zero padding rows); last stage only."""
         if not self.is_last_stage:
             raise RuntimeError("output_weight lives on the last pipeline stage")
         return self.output_layer.weight if self.output_layer.weight is not None else self.embed.weight
 
     def logits(self, hidden: torch.Tensor, *, gather: bool = True) -> torch.Tensor:
-        """LM-head logits [T, V] (or this rank's [T, V / tp] when ``gather=False``) from hidden [T, H]."""
+        """LM-head logits [T, V] over the real vocabulary (``V = spec.vocab_size``) from hidden [T, H];
+        with ``gather=False`` this rank's raw shard [T, Vp / tp], padding columns included."""
         out, _ = self.output_layer(hidden, weight=self.output_weight)
-        return _GatherVocab.apply(out) if gather and parallel.tp_size() > 1 else out
+        if not gather:
+            return out
+        full = _GatherVocab.apply(out) if parallel.tp_size() > 1 else out
+        return full[:, : self.spec.vocab_size]
 
 
 class CriticModel(DecoderStage):

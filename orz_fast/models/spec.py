@@ -12,6 +12,23 @@ SUPPORTED_ARCHITECTURES = {
 """``model_type`` -> the transformers class a saved checkpoint names in ``architectures``."""
 
 
+VOCAB_PAD_MULTIPLE = 128
+"""Megatron's default ``make_vocab_size_divisible_by``: the vocabulary is padded to a multiple of this times TP."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Rows of the embedding and LM head: ``vocab_size`` rounded up to a multiple of ``multiple * tp``.
+
+    As Megatron pads it, so that any vocabulary splits into ``tp`` equal shards whose sizes are
+    multiples of ``multiple`` (aligned GEMMs). The extra rows are zero and never used as a token.
+    """
+    for name, value in (("vocab_size", vocab_size), ("tp", tp), ("vocab_pad_multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    step = multiple * tp
+    return -(-vocab_size // step) * step
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not implemented here."""
 
@@ -21,7 +38,8 @@ class ModelSpec:
     model_type: str
     """``qwen2`` or ``llama``."""
     vocab_size: int
-    """Rows of the embedding and LM head."""
+    """The real vocabulary (the checkpoint's rows); the model's embedding and LM head are padded
+    beyond it (:func:`padded_vocab_size`)."""
     hidden_size: int
     """Residual width H."""
     intermediate_size: int
@@ -91,12 +109,12 @@ class ModelSpec:
         )
 
     def check_layout(self, tp: int, pp: int) -> None:
-        """Raise ``ValueError`` when the heads, vocabulary or layers cannot be split ``tp`` x ``pp`` ways."""
+        """Raise ``ValueError`` when the heads or layers cannot be split ``tp`` x ``pp`` ways (any vocabulary
+        can: it is padded)."""
         for what, n in (
             ("num_attention_heads", self.num_heads),
             ("num_key_value_heads", self.num_kv_heads),
             ("intermediate_size", self.intermediate_size),
-            ("vocab_size", self.vocab_size),
         ):
             if n % tp != 0:
                 raise ValueError(f"{what}={n} is not divisible by tensor-parallel size tp={tp}")

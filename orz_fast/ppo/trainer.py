@@ -51,6 +51,7 @@ from orz_fast.ppo.optim import ShardedAdamW
 from orz_fast.ppo.warmup import format_warmup
 from orz_fast.reward import RewardScorer
 from orz_fast.rollout import NativeEngine, SamplingParams, VllmEngine
+from orz_fast.rollout.kv_budget import kv_cache_bytes
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, decay: tuple[int, int, float] | None = None) -> float:
@@ -157,7 +158,7 @@ class Trainer:
             # One engine per GPU, each generating its share of the step's prompts (shared over all ranks).
             self.engine = VllmEngine(
                 cfg.model.path,
-                gpu_memory_utilization=cfg.rollout.kv_cache_fraction,
+                kv_cache_bytes=kv_cache_bytes(cfg.rollout, self.device),
                 dtype=cfg.model.dtype,
                 seed=cfg.train.seed,
             )
@@ -166,7 +167,7 @@ class Trainer:
         else:
             # The native engine decodes with the model's own shards: each data-parallel replica generates.
             self.engine = NativeEngine(
-                self.policy, tokenizer=self.tokenizer, gpu_memory_utilization=cfg.rollout.kv_cache_fraction
+                self.policy, tokenizer=self.tokenizer, kv_cache_bytes=kv_cache_bytes(cfg.rollout, self.device)
             )
             self.rollout_rank, self.rollout_size, self.rollout_group = self.dp_rank, self.dp, self.dp_group
 
@@ -373,7 +374,12 @@ class Trainer:
         def logp_fn(hidden, b):
             h = hidden[b["action_idx"]]
             return ops.linear_logprobs(
-                h, self.policy.output_weight, b["targets"], temperature=temperature, tp_group=self.tp_group
+                h,
+                self.policy.output_weight,
+                b["targets"],
+                temperature=temperature,
+                tp_group=self.tp_group,
+                vocab_size=self.policy.spec.vocab_size,
             )
 
         return self._per_action_forward(self.policy, samples, offsets, logp_fn)
@@ -445,11 +451,18 @@ class Trainer:
                     clip_eps_high=p.clip_eps_high,
                     tp_group=self.tp_group,
                     return_entropy=True,
+                    vocab_size=self.policy.spec.vocab_size,
                 )
                 entropy_sum = stats["entropy"] * h.shape[0]
             else:
                 logp, entropy = ops.linear_logprobs(
-                    h, weight, b["targets"], temperature=temperature, tp_group=self.tp_group, return_entropy=True
+                    h,
+                    weight,
+                    b["targets"],
+                    temperature=temperature,
+                    tp_group=self.tp_group,
+                    return_entropy=True,
+                    vocab_size=self.policy.spec.vocab_size,
                 )
                 loss, stats = ops.ppo_policy_loss(
                     logp,

@@ -66,7 +66,13 @@ def format_warmup(
         scale = len(mbs) / float(offsets[-1])
 
         def loss_fn(hidden, b, scale=scale):
-            logp = ops.linear_logprobs(hidden[b["action_idx"]], policy.output_weight, b["targets"], tp_group=tp_group)
+            logp = ops.linear_logprobs(
+                hidden[b["action_idx"]],
+                policy.output_weight,
+                b["targets"],
+                tp_group=tp_group,
+                vocab_size=policy.spec.vocab_size,
+            )
             nll = -logp.sum()
             return nll * scale, {"nll": nll.detach()}
 

@@ -10,8 +10,9 @@ autograd wrappers nor their per-call checks, which cost as much as a small decod
 
 One ``generate`` call:
 
-1. sizes a paged KV cache from a memory budget (capped at what the requests can use) and
-   allocates it; it is released when the call returns;
+1. sizes a paged KV cache from a memory budget (``kv_cache_bytes``, see
+   :mod:`orz_fast.rollout.kv_budget`; capped at what the requests can use) and allocates it; it
+   is released when the call returns;
 2. schedules steps until every request is done. A step packs the new prompts (prefill,
    causal attention within each prompt) and one token of every running sequence (decode,
    attention over its cached blocks) into one forward, within a token budget. A prompt is
@@ -20,9 +21,10 @@ One ``generate`` call:
    when the blocks run out, the youngest sequence is preempted and later recomputed
    (prompt plus the tokens it already has); sampling is counter-based, so its output is
    unchanged up to floating-point rounding;
-3. samples every row with :func:`~orz_fast.rollout.sampling.sample_tokens` and applies
-   stop token ids, stop strings (incremental detokenisation), ``max_tokens`` and the
-   context limit.
+3. samples every row with :func:`~orz_fast.rollout.sampling.sample_tokens` over the real
+   vocabulary (the policy's padding columns are dropped from the logits first, so a padding id
+   is never sampled nor the greedy argmax) and applies stop token ids, stop strings
+   (incremental detokenisation), ``max_tokens`` and the context limit.
 
 The same code runs on CPU and CUDA (flash-attn's varlen kernel for prefill when installed,
 SDPA otherwise; decode gathers each sequence's blocks and runs SDPA with a length mask).
@@ -46,13 +48,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orz_fast import parallel
+from orz_fast.config import RolloutConfig
 from orz_fast.models.attention import PackedSegments, packed_causal_attention
 from orz_fast.models.decoder import PolicyModel, apply_rope, rope_cos_sin
+from orz_fast.rollout.kv_budget import kv_cache_bytes as resolve_kv_cache_bytes
 from orz_fast.rollout.kv_cache import BlockAllocator, PagedKVCache, paged_decode_attention
 from orz_fast.rollout.sampling import Completion, SamplingParams, find_stop, params_per_prompt, sample_tokens
-
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
-"""KV budget on CPU when ``kv_cache_bytes`` is not given (only what the requests can use is allocated)."""
 
 _INT64_WRAP = 1 << 64
 
@@ -150,11 +151,10 @@ class NativeEngine:
         model: this rank's :class:`~orz_fast.models.PolicyModel` shard (any TP x PP layout; the
             stages of one pipeline pass activations and the last one samples).
         tokenizer: Hugging Face tokenizer; needed for stop strings and for ``Completion.text``.
-        kv_cache_bytes: KV cache budget per rank. ``None``: ``gpu_memory_utilization`` of the
-            free CUDA memory at the start of each ``generate``, or ``DEFAULT_CPU_KV_CACHE_BYTES``
-            on CPU. Only the blocks the requests can use at once are allocated.
-        gpu_memory_utilization: fraction of free CUDA memory taken when ``kv_cache_bytes`` is
-            None; the rest is left for the step's activations and logits.
+        kv_cache_bytes: KV cache budget per rank, e.g. ``kv_budget.kv_cache_bytes(cfg.rollout, device)``.
+            ``None``: the default ``rollout`` settings resolved at the start of each ``generate``
+            (``kv_cache_fraction`` 0.9 of the free CUDA memory, 1 GiB on CPU). Only the blocks
+            the requests can use at once are allocated.
         block_size: tokens per KV block.
         max_num_seqs: most sequences decoding at once.
         max_num_batched_tokens: token budget of one step (decoding sequences count one each,
@@ -169,7 +169,6 @@ class NativeEngine:
         *,
         tokenizer=None,
         kv_cache_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
         block_size: int = 16,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
@@ -178,10 +177,8 @@ class NativeEngine:
         if not isinstance(model, PolicyModel):
             raise TypeError(f"NativeEngine needs an orz_fast PolicyModel, got {type(model).__name__}")
         _check_plain_tp_linears(model)
-        if kv_cache_bytes is not None and kv_cache_bytes < 1:
-            raise ValueError(f"kv_cache_bytes must be positive, got {kv_cache_bytes}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if kv_cache_bytes is not None and (not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1):
+            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         for name, value in (
             ("block_size", block_size),
             ("max_num_seqs", max_num_seqs),
@@ -199,7 +196,6 @@ class NativeEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.kv_cache_bytes = kv_cache_bytes
-        self.gpu_memory_utilization = gpu_memory_utilization
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -314,13 +310,9 @@ class NativeEngine:
             head_dim=self.model.spec.head_dim,
             dtype=self.dtype,
         )
-        if self.kv_cache_bytes is not None:
-            budget = self.kv_cache_bytes
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.gpu_memory_utilization)
-        else:
-            budget = DEFAULT_CPU_KV_CACHE_BYTES
+        budget = self.kv_cache_bytes
+        if budget is None:
+            budget = resolve_kv_cache_bytes(RolloutConfig(), self.device)
         budget_blocks = budget // per_block
         if self._mp_group is not None:  # every rank must schedule identically, so all use the smallest budget
             t = torch.tensor([budget_blocks], dtype=torch.int64, device=self.device)
@@ -535,7 +527,8 @@ class NativeEngine:
         return both[0].long().tolist(), both[1].tolist()
 
     def _forward(self, cache, input_ids, pos, slots, segs, num_prefill, block_tables, context_lens, rows):
-        """Logits [R, V] (gathered over TP) at ``rows`` of the packed tokens; writes their K/V into ``cache``.
+        """Logits [R, V] (gathered over TP, real vocabulary only) at ``rows`` of the packed tokens; writes their
+        K/V into ``cache``.
 
         With pipeline parallelism each stage runs its own layers on the activation [T, H] received
         from the previous stage and sends its output on; only the last stage returns logits (None

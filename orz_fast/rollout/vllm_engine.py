@@ -120,7 +120,8 @@ class VllmEngine:
             more, the caller's ``CUDA_VISIBLE_DEVICES`` decides, and the trainer rank's GPU must
             be visible to every worker (each opens the pushed buckets there, over peer access).
         tensor_parallel_size: vLLM's own TP size (its ``load_weights`` reshards the full tensors).
-        gpu_memory_utilization: fraction of the GPU vLLM may take for weights and KV cache.
+        kv_cache_bytes: KV cache bytes per GPU (``orz_fast.rollout.kv_budget.kv_cache_bytes``), given to
+            vLLM as ``kv_cache_memory_bytes`` (vLLM then ignores ``gpu_memory_utilization``).
         dtype: vLLM's compute dtype.
         load_format: ``"dummy"`` when the weights come from :meth:`update_weights`; ``"auto"`` to read them.
         max_model_len: context limit (default: the model config's).
@@ -139,7 +140,7 @@ class VllmEngine:
         skip_tokenizer_init: bool = False,
         device: torch.device | str | int | None = None,
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.5,
+        kv_cache_bytes: int,
         dtype: str = "bfloat16",
         load_format: str = "dummy",
         max_model_len: int | None = None,
@@ -154,8 +155,8 @@ class VllmEngine:
             raise ImportError(f"VllmEngine needs vLLM ({e}); install it with: pip install orz_fast[vllm]") from e
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
         if not torch.cuda.is_available():
@@ -168,7 +169,7 @@ class VllmEngine:
                 tokenizer=tokenizer,
                 skip_tokenizer_init=skip_tokenizer_init,
                 tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_cache_bytes,
                 dtype=dtype,
                 load_format=load_format,
                 max_model_len=max_model_len,
