@@ -100,7 +100,7 @@ def ppo_policy_loss_fwd(
     store_grad: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Launch the forward kernel. Returns (loss, stats, ``mask * dloss_t/dlogp`` [T] fp32 or None)."""
-    check_triton_device(logprobs, old_logprobs, advantages, mask)
+    check_triton_device(logprobs, old_logprobs, advantages, mask, kernel=_ppo_policy_loss_fwd_kernel)
     T = logprobs.numel()
     BT = 2048
     n_blocks = max(1, triton.cdiv(T, BT))

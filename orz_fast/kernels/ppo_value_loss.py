@@ -119,7 +119,7 @@ def ppo_value_loss_fwd(
     store_grad: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Launch the forward kernel. Returns (loss, stats, ``mask * dloss_t/dV`` [T] fp32 or None)."""
-    check_triton_device(values, old_values, returns, mask)
+    check_triton_device(values, old_values, returns, mask, kernel=_ppo_value_loss_fwd_kernel)
     T = values.numel()
     BT = 2048
     n_blocks = max(1, triton.cdiv(T, BT))
