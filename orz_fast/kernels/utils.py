@@ -17,6 +17,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -86,3 +87,15 @@ def loadable_mask(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8)
     return mask
+
+
+@triton.jit
+def maximum_nan(a, b):
+    """Elementwise max that returns NaN when either input is NaN (``tl.maximum`` alone drops it on GPUs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def minimum_nan(a, b):
+    """Elementwise min that returns NaN when either input is NaN."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
