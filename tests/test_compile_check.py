@@ -53,7 +53,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
 
 def test_limits_and_coverage_failures_are_reported(tmp_path):
     """One scenario only, under a 16-register budget: the kernel is over it and the others are not launched."""
-    proc, report = run_check(tmp_path, "--only", "gae torch.int32 torch.float32", "--max-registers", "16")
+    proc, report = run_check(tmp_path, "--only", "gae int32 float32", "--max-registers", "16")
     assert proc.returncode == 1
     (gae,) = {r["kernel"] for r in report["results"]}
     assert gae == "_gae_fwd_kernel"

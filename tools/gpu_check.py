@@ -23,6 +23,7 @@ this run, every step's log and the pytest JUnit reports, to unpack at the reposi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import selectors
@@ -161,12 +162,15 @@ def run_step(step: Step, command: list[str], timeout_s: float, log_path: Path, e
                 log.write(chunk)
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
-        if proc.poll() is None and time.monotonic() >= deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        try:
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            result.status = "ok" if code == 0 else f"failed ({code})"
+        except subprocess.TimeoutExpired:
             result.status = "timeout"
-        else:
-            result.status = "ok" if proc.wait() == 0 else f"failed ({proc.returncode})"
+        # whatever is left of the step's process group (workers it started) goes, freeing the GPU
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         proc.stdout.close()
     result.seconds = time.monotonic() - start
     return result
