@@ -1,10 +1,10 @@
-# orz_fast: make test | make demo | make bench | make lint
+# orz_fast: make test | make demo | make bench | make lint | make gpu-wheels, then make gpu-check on a GPU machine
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orz_fast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,16 @@ bench: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# The GPU check (README, "GPU check"): gpu-wheels packs, on a machine with network, the wheels the GPU
+# machine lacks into .gpu-wheels/ (carried with the tree); gpu-check runs there with its own python3.
+GPU_CHECK_OUT ?= runs/gpu-check
+
+gpu-wheels: install
+	$(PY) tools/gpu_wheels.py --dest .gpu-wheels
+
+gpu-check:
+	python3 tools/gpu_check.py --wheels .gpu-wheels --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build *.egg-info orz_fast/_C*.so

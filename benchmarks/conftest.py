@@ -1,8 +1,17 @@
+"""Benchmark session setup: the guard's options and summary, one-thread CPU timing, and the Triton
+mode (Triton's interpreter without CUDA, switched on before any benchmark imports a kernel, as in
+tests/conftest.py)."""
+
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from orz_fast.kernels import use_interpreter
+
+if not torch.cuda.is_available():
+    use_interpreter()
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -1,13 +1,10 @@
-"""orz_fast: a fast Open-Reasoner-Zero PPO trainer for reasoning LLMs."""
+"""orz_fast: a fast Open-Reasoner-Zero PPO trainer for reasoning LLMs.
 
-import os
-
-import torch
-
-# Triton picks compiled or interpreted kernels when it first sees TRITON_INTERPRET, which may be
-# when another library (megatron-core, transformers) imports it, before orz_fast.kernels does.
-# Without CUDA only the interpreter exists, so it is switched on as soon as orz_fast is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+Importing orz_fast (or ``orz_fast.ops``, ``orz_fast.integrations.*``) has no side effect on the
+process: it sets no environment variable, imports no torch here and initialises no CUDA
+context, so frameworks can import it inside their own workers. Whether Triton kernels run
+compiled or in Triton's interpreter is decided by ``TRITON_INTERPRET`` as the caller left it
+when ``orz_fast.kernels`` is first imported (the test suites set it on CPU machines).
+"""
 
 __version__ = "0.1.0"

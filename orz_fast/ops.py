@@ -3,9 +3,11 @@
 Every op takes the packed 1-D token layout (flash-attn ``cu_seqlens`` style: all responses of
 the batch concatenated, T tokens in all) and a ``backend``:
 
-- ``None``: the Triton kernel for CUDA tensors, the vectorised torch path for CPU tensors;
-- ``"triton"``: the kernel always (on CPU it runs in Triton's interpreter, which
-  ``orz_fast.kernels`` switches on when there is no CUDA device);
+- ``None``: the Triton kernel for CUDA tensors, the vectorised torch path for CPU tensors
+  (and for CUDA tensors when the kernels were imported under ``TRITON_INTERPRET=1``);
+- ``"triton"``: the kernel always: compiled on CUDA tensors, or on CPU tensors in Triton's
+  interpreter when ``TRITON_INTERPRET=1`` was set before ``orz_fast.kernels`` was imported (the
+  test suites set it on CPU machines); any other device is a ``ValueError`` raised before work;
 - ``"torch"``: the torch path always.
 
 No op syncs the GPU: losses and statistics come back as 0-dim tensors. Other frameworks can
@@ -24,16 +26,20 @@ from orz_fast.kernels.linear_logprobs import linear_logprobs_chunked
 from orz_fast.kernels.linear_ppo_loss import linear_ppo_loss_chunked
 from orz_fast.kernels.ppo_policy_loss import ppo_policy_loss_ref, ppo_policy_loss_triton
 from orz_fast.kernels.ppo_value_loss import ppo_value_loss_ref, ppo_value_loss_triton
+from orz_fast.kernels.utils import check_triton_device, triton_runs_on
 
 Backend = Literal["triton", "torch"] | None
 
 __all__ = ["gae", "ppo_policy_loss", "ppo_value_loss", "linear_logprobs", "linear_ppo_loss"]
 
 
-def _use_triton(backend: Backend, tensor: torch.Tensor) -> bool:
+def _use_triton(backend: Backend, *tensors: torch.Tensor) -> bool:
+    """Whether this call runs the Triton kernels; raises ``ValueError`` before any work when
+    ``backend="triton"`` cannot run on the tensors' device."""
     if backend is None:
-        return tensor.is_cuda
+        return tensors[0].is_cuda and triton_runs_on(tensors[0])
     if backend == "triton":
+        check_triton_device(*tensors)
         return True
     if backend == "torch":
         return False
@@ -101,7 +107,7 @@ def gae(
                 f"got first={int(cu_seqlens[0])} last={int(cu_seqlens[-1])}"
             )
     out_dtype = _float_out(rewards, values)
-    if _use_triton(backend, rewards):
+    if _use_triton(backend, rewards, values, cu_seqlens):
         return gae_fwd(rewards, values, cu_seqlens, gamma, lam, out_dtype)
     return gae_torch(rewards, values, cu_seqlens, gamma, lam, out_dtype)
 
@@ -137,7 +143,7 @@ def ppo_policy_loss(
         floating=("logprobs", "old_logprobs", "advantages"),
     )
     clip_high = clip_eps if clip_eps_high is None else clip_eps_high
-    if _use_triton(backend, logprobs):
+    if _use_triton(backend, logprobs, old_logprobs, advantages, mask):
         return ppo_policy_loss_triton(logprobs, old_logprobs, advantages, mask, clip_eps, clip_high)
     dtype = _float_out(logprobs, old_logprobs, advantages)
     return ppo_policy_loss_ref(
@@ -171,7 +177,7 @@ def ppo_value_loss(
         {"values": values, "old_values": old_values, "returns": returns, "mask": mask},
         floating=("values", "old_values", "returns"),
     )
-    if _use_triton(backend, values):
+    if _use_triton(backend, values, old_values, returns, mask):
         return ppo_value_loss_triton(values, old_values, returns, mask, clip)
     dtype = _float_out(values, old_values, returns)
     return ppo_value_loss_ref(values.to(dtype), old_values.to(dtype), returns.to(dtype), mask, clip)
@@ -264,7 +270,7 @@ def linear_logprobs(
         temperature=temperature,
         tp_group=tp_group,
         return_entropy=return_entropy,
-        use_triton=_use_triton(backend, hidden),
+        use_triton=_use_triton(backend, hidden, weight, targets),
         vocab_size=vocab_size,
     )
 
@@ -315,7 +321,7 @@ def linear_ppo_loss(
         clip_low=clip_eps,
         clip_high=clip_eps if clip_eps_high is None else clip_eps_high,
         tp_group=tp_group,
-        use_triton=_use_triton(backend, hidden),
+        use_triton=_use_triton(backend, hidden, weight, targets, old_logprobs, advantages, mask),
         return_entropy=return_entropy,
         vocab_size=vocab_size,
     )

@@ -1,10 +1,23 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the Triton mode of the run.
+
+Without CUDA the Triton kernels can only run in Triton's interpreter. orz_fast never switches it
+on by itself (importing it has no side effect), so the suite does, here, before any test module
+imports a kernel: Triton fixes a kernel's mode when its ``@triton.jit`` decorator runs.
+``use_interpreter`` also sets the Triton knob (a library may have assigned it after importing
+Triton first) and fails if a kernel module was already imported compiled. Child processes
+(gloo workers, CLI runs) inherit ``TRITON_INTERPRET=1``.
+"""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from orz_fast.kernels import use_interpreter
+
+if not torch.cuda.is_available():
+    use_interpreter()
 
 
 def smollm2_gguf() -> Path:

@@ -130,3 +130,118 @@ def test_losses_reject_bad_shapes():
         ops.ppo_value_loss(x, x, x, torch.zeros(5, 1))
     with pytest.raises(ValueError, match="float"):
         ops.ppo_value_loss(torch.zeros(5, dtype=torch.long), x, x, x)
+
+
+# Non-finite inputs: the Triton kernels and the torch path give the same loss, statistics and gradient.
+# A GPU's max.f32/min.f32 (what tl.maximum/tl.minimum and tl.max/tl.min compile to) return the other
+# operand for a NaN, and the interpreter models that (np.fmax), so these tests catch a NaN dropped there.
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+NONFINITE_T = 4099  # three blocks of 2048: the bad token sits in the middle one
+BAD_AT = 2050
+# numpy, under Triton's interpreter, warns about the NaN and inf arithmetic these tests are about
+quiet_numpy = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
+
+
+def _assert_same(a: torch.Tensor | None, b: torch.Tensor | None, what: str):
+    torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def _nonfinite_inputs(which: int, bad: float, masked_out: bool, seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    T = NONFINITE_T
+    a = torch.randn(T, generator=gen) * 0.5 - 1
+    inputs = [a, a + torch.randn(T, generator=gen) * 0.3, torch.randn(T, generator=gen)]
+    inputs[which][BAD_AT] = bad
+    mask = torch.rand(T, generator=gen) < 0.7
+    mask[BAD_AT] = not masked_out
+    return inputs, mask
+
+
+@quiet_numpy
+@pytest.mark.parametrize("masked_out", [False, True], ids=["counted", "masked_out"])
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["logprobs", "old_logprobs", "advantages"])
+def test_policy_loss_nonfinite_inputs_agree(which, bad, masked_out):
+    (logp, old, adv), mask = _nonfinite_inputs(which, bad, masked_out, seed=which)
+    runs = {
+        b: _grad_of(lambda x, *a, b=b: ops.ppo_policy_loss(x, *a, backend=b), logp, old, adv, mask) for b in BACKENDS
+    }
+    (loss, stats, grad), (t_loss, t_stats, t_grad) = runs["torch"], runs["triton"]
+    _assert_same(t_loss, loss, "loss")
+    _assert_same(t_grad, grad, "gradient")
+    for name in stats:
+        _assert_same(t_stats[name], stats[name], name)
+    if bad != bad:  # NaN in: NaN loss, and NaN in the ratio statistics when the NaN is in a log-prob
+        assert t_loss.isnan()
+        if which != 2:
+            assert t_stats["approx_kl"].isnan() and t_stats["ratio_mean"].isnan()
+            assert t_stats["ratio_max"].isnan() == (not masked_out)
+
+
+@quiet_numpy
+@pytest.mark.parametrize("masked_out", [False, True], ids=["counted", "masked_out"])
+@pytest.mark.parametrize("bad", NONFINITE, ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["values", "old_values", "returns"])
+def test_value_loss_nonfinite_inputs_agree(which, bad, masked_out):
+    (values, old, returns), mask = _nonfinite_inputs(which, bad, masked_out, seed=10 + which)
+    runs = {
+        b: _grad_of(lambda x, *a, b=b: ops.ppo_value_loss(x, *a, backend=b), values, old, returns, mask)
+        for b in BACKENDS
+    }
+    (loss, stats, grad), (t_loss, t_stats, t_grad) = runs["torch"], runs["triton"]
+    _assert_same(t_loss, loss, "loss")
+    _assert_same(t_grad, grad, "gradient")
+    for name in stats:
+        _assert_same(t_stats[name], stats[name], name)
+    if bad != bad:
+        assert t_loss.isnan()
+
+
+@quiet_numpy
+def test_nan_through_one_clip_bound_is_not_dropped():
+    """The case GPUs got wrong: a NaN ratio against a finite clip bound (max.f32 returned the bound)."""
+    logp = torch.tensor([float("nan"), -1.0])
+    old = torch.tensor([-1.0, -1.0])
+    for backend in BACKENDS:
+        loss, stats = ops.ppo_policy_loss(logp, old, torch.ones(2), torch.ones(2, dtype=torch.bool), backend=backend)
+        assert loss.isnan() and stats["ratio_max"].isnan() and stats["ratio_min"].isnan(), backend
+        v_loss, _ = ops.ppo_value_loss(
+            torch.tensor([float("nan")]), torch.zeros(1), torch.zeros(1), torch.ones(1), backend=backend
+        )
+        assert v_loss.isnan(), backend
+
+
+@quiet_numpy
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["old_logprobs", "advantages", "hidden"])
+def test_linear_ppo_loss_nonfinite_inputs_agree(where, bad):
+    """The fused loss: Triton and torch backends agree, and agree with ppo_policy_loss on the log-probs."""
+    T, H, V, bad_at = 37, 16, 67, 11
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(T, H, generator=gen)
+    weight = torch.randn(V, H, generator=gen) / H**0.5
+    targets = torch.randint(0, V, (T,), generator=gen)
+    old = torch.randn(T, generator=gen) * 0.3 - 4
+    adv = torch.randn(T, generator=gen)
+    mask = torch.rand(T, generator=gen) < 0.7
+    mask[bad_at] = True
+    {"old_logprobs": old, "advantages": adv, "hidden": hidden}[where][bad_at] = bad
+
+    def run(backend):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, stats = ops.linear_ppo_loss(h, w, targets, old, adv, mask, return_entropy=True, backend=backend)
+        loss.backward()
+        return loss.detach(), stats, h.grad, w.grad
+
+    (loss, stats, dh, dw), (t_loss, t_stats, t_dh, t_dw) = run("torch"), run("triton")
+    _assert_same(t_loss, loss, "loss")
+    for name in stats:
+        _assert_same(t_stats[name], stats[name], name)
+    _assert_same(t_dh, dh, "dhidden")
+    _assert_same(t_dw, dw, "dweight")
+    logp = ops.linear_logprobs(hidden, weight, targets, backend="torch")
+    unfused, unfused_stats = ops.ppo_policy_loss(logp, old, adv, mask, backend="triton")
+    _assert_same(t_loss, unfused, "loss vs ppo_policy_loss")
+    _assert_same(t_stats["ratio_max"], unfused_stats["ratio_max"], "ratio_max vs ppo_policy_loss")
+    if bad != bad:
+        assert t_loss.isnan()

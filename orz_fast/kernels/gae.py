@@ -72,7 +72,7 @@ def gae_fwd(
     rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, lam: float, out_dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``_gae_fwd_kernel``: one program per segment. Returns (advantages [T], returns [T])."""
-    check_triton_device(rewards, values, cu_seqlens)
+    check_triton_device(rewards, values, cu_seqlens, kernel=_gae_fwd_kernel)
     T = rewards.numel()
     N = cu_seqlens.numel() - 1
     adv = torch.empty(T, dtype=out_dtype, device=rewards.device)

@@ -10,6 +10,11 @@ ratio min, ratio max) plus, when a gradient is needed, ``mask * dloss_t/dlogp`` 
 the backward is a single scale by ``grad_out / count``. ``approx_kl`` is Schulman's
 non-negative estimator ``(r - 1) - log r``; ``clipfrac`` counts tokens where the clipped term
 is the larger one.
+
+Non-finite inputs behave as in the torch path: a NaN at a token makes the loss, ``approx_kl`` and
+``ratio_mean`` NaN (a masked-out token too, as ``NaN * 0`` is NaN), and ``ratio_min``/``ratio_max``
+NaN when the token counts. The kernel's min/max are NaN-propagating for that (``tl.maximum``
+alone compiles to ``max.f32``, which returns the other operand).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orz_fast.kernels.utils import check_triton_device, loadable_mask
+from orz_fast.kernels.utils import check_triton_device, loadable_mask, maximum_nan, minimum_nan
 
 _N_PARTIALS = 7
 STAT_NAMES = ("clipfrac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "num_tokens")
@@ -52,11 +57,12 @@ def _ppo_policy_loss_fwd_kernel(
     b_mask = tl.load(mask_ptr + o_t, mask=m_t, other=0).to(tl.float32)
     b_log_ratio = b_logp - b_old
     b_ratio = tl.exp(b_log_ratio)
-    b_ratio_clip = tl.minimum(tl.maximum(b_ratio, 1.0 - clip_low), 1.0 + clip_high)
+    # NaN-propagating min/max, as torch's clamp and maximum: a NaN input gives a NaN loss
+    b_ratio_clip = minimum_nan(maximum_nan(b_ratio, 1.0 - clip_low), 1.0 + clip_high)
     b_loss_raw = -b_adv * b_ratio
     b_loss_clip = -b_adv * b_ratio_clip
     b_is_clipped = b_loss_clip > b_loss_raw
-    b_loss = tl.maximum(b_loss_raw, b_loss_clip)
+    b_loss = maximum_nan(b_loss_raw, b_loss_clip)
     b_on = b_mask != 0
     if STORE_GRAD:
         # the clipped branch wins only when r is outside the clip range, where its slope is 0
@@ -69,8 +75,8 @@ def _ppo_policy_loss_fwd_kernel(
     tl.store(p_out + 2, tl.sum(tl.where(b_is_clipped, b_mask, 0.0), axis=0))
     tl.store(p_out + 3, tl.sum(b_kl * b_mask, axis=0))
     tl.store(p_out + 4, tl.sum(b_ratio * b_mask, axis=0))
-    tl.store(p_out + 5, tl.min(tl.where(b_on, b_ratio, float("inf")), axis=0))
-    tl.store(p_out + 6, tl.max(tl.where(b_on, b_ratio, float("-inf")), axis=0))
+    tl.store(p_out + 5, tl.reduce(tl.where(b_on, b_ratio, float("inf")), 0, minimum_nan))
+    tl.store(p_out + 6, tl.reduce(tl.where(b_on, b_ratio, float("-inf")), 0, maximum_nan))
 
 
 def _stats_from_partials(partials: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -100,7 +106,7 @@ def ppo_policy_loss_fwd(
     store_grad: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Launch the forward kernel. Returns (loss, stats, ``mask * dloss_t/dlogp`` [T] fp32 or None)."""
-    check_triton_device(logprobs, old_logprobs, advantages, mask)
+    check_triton_device(logprobs, old_logprobs, advantages, mask, kernel=_ppo_policy_loss_fwd_kernel)
     T = logprobs.numel()
     BT = 2048
     n_blocks = max(1, triton.cdiv(T, BT))

@@ -9,7 +9,8 @@ and ``loss = sum(mask * loss_t) / max(sum(mask), 1)``. The forward kernel reads 
 once and writes per-block partial sums (loss, token count, clipped count, and the sums behind
 explained variance: R, R^2, E = R - V, E^2) plus, when a gradient is needed,
 ``mask * dloss_t/dV`` per token; backward is one scale by ``grad_out / count``. The raw sums are
-returned too so data-parallel ranks can all-reduce them and combine exactly.
+returned too so data-parallel ranks can all-reduce them and combine exactly. A NaN input gives
+a NaN loss and NaN in the sums it enters, as in the torch path (min/max propagate NaN).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orz_fast.kernels.utils import check_triton_device, loadable_mask
+from orz_fast.kernels.utils import check_triton_device, loadable_mask, maximum_nan, minimum_nan
 
 _N_PARTIALS = 7
 _STAT_NAMES = (
@@ -57,14 +58,15 @@ def _ppo_value_loss_fwd_kernel(
     b_ret = tl.load(returns_ptr + o_t, mask=m_t, other=0).to(tl.float32)
     # [BT]
     b_mask = tl.load(mask_ptr + o_t, mask=m_t, other=0).to(tl.float32)
-    # clamp V itself (not old + clamp(V - old)) so an unclipped token keeps V bit for bit
-    b_v_clip = tl.minimum(tl.maximum(b_v, b_old - clip), b_old + clip)
+    # clamp V itself (not old + clamp(V - old)) so an unclipped token keeps V bit for bit;
+    # NaN-propagating min/max, as torch's clamp: a NaN input gives a NaN loss
+    b_v_clip = minimum_nan(maximum_nan(b_v, b_old - clip), b_old + clip)
     b_err_raw = b_v - b_ret
     b_err_clip = b_v_clip - b_ret
     b_sq_raw = b_err_raw * b_err_raw
     b_sq_clip = b_err_clip * b_err_clip
     b_is_clipped = b_sq_clip > b_sq_raw
-    b_loss = 0.5 * tl.maximum(b_sq_raw, b_sq_clip)
+    b_loss = 0.5 * maximum_nan(b_sq_raw, b_sq_clip)
     if STORE_GRAD:
         # the clipped branch wins only when V - old is outside [-c, c], where its slope is 0
         b_grad = tl.where(b_is_clipped, 0.0, b_err_raw) * b_mask
@@ -119,7 +121,7 @@ def ppo_value_loss_fwd(
     store_grad: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """Launch the forward kernel. Returns (loss, stats, ``mask * dloss_t/dV`` [T] fp32 or None)."""
-    check_triton_device(values, old_values, returns, mask)
+    check_triton_device(values, old_values, returns, mask, kernel=_ppo_value_loss_fwd_kernel)
     T = values.numel()
     BT = 2048
     n_blocks = max(1, triton.cdiv(T, BT))
