@@ -97,17 +97,24 @@ def _shaped(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _linear(dtype: torch.dtype, tp: int, *, fused: bool, entropy: bool, grad: bool) -> None:
-    """``linear_logprobs`` / ``linear_ppo_loss`` on one rank's LM-head shard, forward (+ backward)."""
+def _linear(
+    dtype: torch.dtype, tp: int, *, fused: bool, entropy: bool, grad: bool, padded: tuple[int, int] | None = None
+) -> None:
+    """``linear_logprobs`` / ``linear_ppo_loss`` on one rank's LM-head shard, forward (+ backward). ``padded``:
+    (shard rows, real rows) of the last TP rank of a padded vocabulary, whose real rows end inside its shard."""
     T, H, V = ORZ_LOGPROB_TOKENS, ORZ_HIDDEN, ORZ_VOCAB // tp
+    vocab_size = None
+    if padded is not None:
+        V, vocab_size = padded
     hidden = _shaped(T, H, dtype=dtype).requires_grad_(grad)
     weight = _shaped(V, H, dtype=dtype).requires_grad_(grad)
     targets = _shaped(T, dtype=torch.int64)
+    kw = {"return_entropy": entropy, "vocab_size": vocab_size, "backend": "triton"}
     if fused:
         old, adv, mask = _shaped(T), _shaped(T), _shaped(T, dtype=torch.bool)
-        out = ops.linear_ppo_loss(hidden, weight, targets, old, adv, mask, return_entropy=entropy, backend="triton")[0]
+        out = ops.linear_ppo_loss(hidden, weight, targets, old, adv, mask, **kw)[0]
     else:
-        out = ops.linear_logprobs(hidden, weight, targets, return_entropy=entropy, backend="triton")
+        out = ops.linear_logprobs(hidden, weight, targets, **kw)
         out = (out[0] + out[1]).sum() if entropy else out.sum()
     if grad:
         out.backward()
@@ -151,6 +158,16 @@ def scenarios() -> Iterator[tuple[str, Callable[[], None]]]:
             yield (
                 f"linear_logprobs tp{tp} {d} no grad",
                 partial(_linear, dtype, tp, fused=False, entropy=False, grad=False),
+            )
+    # Padded vocabularies (128 x TP multiple) at TP 8, last rank: Qwen2.5's config vocabulary 152,064 pads to
+    # 152,576 (shards of 19,072 rows, 18,560 real on the last); its tokenizer's 151,665 would leave 18,161 real
+    # rows, a width that is no multiple of 16 over an aligned row stride.
+    for real in (18_560, 18_161):
+        for fused in (False, True):
+            op = "linear_ppo_loss" if fused else "linear_logprobs"
+            yield (
+                f"{op} tp8 padded vocab ({real} of 19072 rows) bfloat16",
+                partial(_linear, torch.bfloat16, 8, fused=fused, entropy=True, grad=True, padded=(19_072, real)),
             )
     # the trainer: int32 offsets, fp32 values; veRL's adapter: int64 offsets
     for index_dtype in (torch.int32, torch.int64):
