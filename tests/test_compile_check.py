@@ -18,6 +18,7 @@ KERNELS = {
     "_ppo_value_loss_fwd_kernel",
     "_linear_logprobs_fwd_kernel",
     "_linear_logprobs_bwd_kernel",
+    "_paged_decode_fwd_kernel",
 }
 
 

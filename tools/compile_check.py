@@ -62,6 +62,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 import orz_fast.kernels  # noqa: E402
 import orz_fast.kernels.utils  # noqa: E402
 from orz_fast import ops  # noqa: E402
+from orz_fast.kernels.paged_attention import paged_decode_triton  # noqa: E402
 
 # ----------------------------------------------------------------------------- targets and limits
 
@@ -135,6 +136,31 @@ def _loss(fn: Callable, dtype: torch.dtype, mask_dtype: torch.dtype, grad: bool)
         loss.backward()
 
 
+ORZ_DECODE_SEQS = 256
+ORZ_KV_BLOCKS = 16_384
+ORZ_BLOCK_SIZE = 16
+ORZ_MAX_BLOCKS = 512
+ORZ_ATTENTION_SHAPES = {
+    # name: (query heads, K/V heads, head dim) of the Qwen2.5 models, per TP rank at the listed TP sizes
+    "qwen2.5-0.5b": (14, 2, 64),
+    "qwen2.5-1.5b": (12, 2, 128),
+    "qwen2.5-7b": (28, 4, 128),
+    "qwen2.5-32b": (40, 8, 128),
+    "qwen2.5-72b": (64, 8, 128),
+}
+
+
+def _paged_decode(dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int, tp: int) -> None:
+    """The rollout's decode attention on one layer of this rank's paged KV cache (the engine's layout: the cache
+    of all layers is one tensor, a layer's K and V are views into it)."""
+    B, N, S, M = ORZ_DECODE_SEQS, ORZ_KV_BLOCKS, ORZ_BLOCK_SIZE, ORZ_MAX_BLOCKS
+    hq, hkv = q_heads // tp, kv_heads // tp
+    cache = _shaped(2, 2, N, S, hkv, head_dim, dtype=dtype)
+    q = _shaped(B, hq, head_dim, dtype=dtype)
+    tables, lens = _shaped(B, M, dtype=torch.int32), _shaped(B, dtype=torch.int32)
+    paged_decode_triton(q, cache[1, 0], cache[1, 1], tables, lens)
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -169,6 +195,15 @@ def scenarios() -> Iterator[tuple[str, Callable[[], None]]]:
                 f"{op} tp8 padded vocab ({real} of 19072 rows) bfloat16",
                 partial(_linear, torch.bfloat16, 8, fused=fused, entropy=True, grad=True, padded=(19_072, real)),
             )
+    # the rollout's decode attention: bf16 (training runs) and fp32 caches, every Qwen2.5 head layout per TP rank
+    for model, (hq, hkv, d) in ORZ_ATTENTION_SHAPES.items():
+        for tp in (1, 2):
+            if hkv % tp == 0:
+                yield (
+                    f"paged_decode {model} tp{tp} bfloat16",
+                    partial(_paged_decode, torch.bfloat16, hq, hkv, d, tp),
+                )
+    yield "paged_decode qwen2.5-7b tp1 float32", partial(_paged_decode, torch.float32, 28, 4, 128, 1)
     # the trainer: int32 offsets, fp32 values; veRL's adapter: int64 offsets
     for index_dtype in (torch.int32, torch.int64):
         for dtype in (torch.float32, torch.bfloat16):
