@@ -1,4 +1,17 @@
-"""Causal attention over a packed 1-D token stream (flash-attn ``cu_seqlens`` layout).
+"""Attention contexts of the decoder, and causal attention over a packed 1-D token stream.
+
+Every decoder forward (training, prefill, decode) runs the same layers; what differs is the
+*attention context* it is given, an object with three members (:class:`AttentionContext`):
+
+- ``positions(T)``: the RoPE position of each of the T tokens;
+- ``attend(layer, q, k, v)``: attention output for the tokens' queries, keys and values at the
+  stage's ``layer``-th layer (a context may also store the keys and values, as the paged one does);
+- ``output_rows``: the rows whose final hidden state the caller wants (``None``: all).
+
+:class:`PackedSegments` is the training / scoring context: causal attention within each segment
+of a packed stream (flash-attn ``cu_seqlens`` layout), positions restarting at every segment.
+:class:`orz_fast.models.paged.PagedAttention` is the rollout context: prompts attend causally to
+themselves, decode tokens to a paged KV cache, both in one step.
 
 Segments never attend to each other. On CUDA with flash-attn installed the varlen
 kernel runs the whole stream in one call; otherwise PyTorch SDPA runs once per
@@ -10,6 +23,7 @@ math backend on CPU), which is the per-segment causal mask without materialising
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +39,23 @@ PADDED_BATCH_MAX_WASTE = 2
 that per-segment calls would (``N * L_max^2 <= waste * sum(L_i^2)``); otherwise one call per segment."""
 
 
+class AttentionContext(Protocol):
+    """What a decoder forward needs to know about its tokens' attention (see the module docstring)."""
+
+    output_rows: torch.Tensor | None
+
+    def positions(self, num_tokens: int) -> torch.Tensor: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class PackedSegments:
-    """Segment boundaries of one packed micro-batch, prepared once per forward and shared by all layers."""
+    """Segment boundaries of one packed micro-batch, prepared once per forward and shared by all layers:
+    the attention context of training and scoring passes (causal within each segment)."""
+
+    output_rows: ClassVar[None] = None
+    """Every token's hidden state is returned."""
 
     cu_seqlens: torch.Tensor
     """int32 [N+1] boundaries on the tokens' device."""
@@ -46,6 +74,12 @@ class PackedSegments:
             raise ValueError(f"cu_seqlens must rise from 0 to T={num_tokens}, got {list(bounds)}")
         max_seqlen = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
         return cls(cu_seqlens.to(torch.int32), bounds, max_seqlen)
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        return segment_positions(self.cu_seqlens, num_tokens)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return packed_causal_attention(q, k, v, self)
 
 
 def segment_positions(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:

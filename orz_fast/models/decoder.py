@@ -6,6 +6,14 @@ first stage, a contiguous run of decoder layers, and the final norm plus the hea
 [T, H] with T the packed token count; between stages they travel as [T, 1, H], the
 [seq, batch, hidden] layout megatron-core's pipeline schedule sends.
 
+The same forward serves training, prefill and decode: the layers take an *attention context*
+(:mod:`orz_fast.models.attention`) that says how the tokens attend: packed causal segments for
+training and scoring (built from ``cu_seqlens``), prompts plus a paged KV cache for the rollout
+(:class:`orz_fast.models.paged.PagedAttention`). With autograd on, the TP linears run through
+megatron-core's modules (their backward communication); with it off (forward-only passes, the
+rollout) they run as plain GEMMs on the same weight shards plus the row-parallel all-reduce,
+which is the same arithmetic without the wrappers' per-call cost.
+
 Per TP rank the Q/K/V projections are one fused ``ColumnParallelLinear`` whose output is
 this rank's [q heads | k heads | v heads], and gate/up are one fused column-parallel
 GEMM laid out [gate | up]; ``checkpoint.py`` maps Hugging Face tensors to and from this
@@ -37,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from orz_fast import parallel
-from orz_fast.models.attention import PackedSegments, packed_causal_attention, segment_positions
+from orz_fast.models.attention import AttentionContext, PackedSegments
 from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, ModelSpec, padded_vocab_size
 
 
@@ -121,12 +129,35 @@ class _GatherVocab(torch.autograd.Function):
         return grad.narrow(-1, ctx.rank * ctx.width, ctx.width)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm attention (GQA, RoPE) and SwiGLU MLP; this TP rank's heads and MLP columns."""
+def _column(linear: ColumnParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """This rank's output columns of a column-parallel linear (``gather_output=False``). Without autograd the
+    same arithmetic as megatron-core's forward (GEMM, then the bias added: not a fused addmm, whose rounding
+    differs in 16-bit dtypes), minus its wrappers."""
+    if torch.is_grad_enabled():
+        return linear(x)[0]
+    y = torch.matmul(x, linear.weight.t())
+    return y if linear.bias is None else y + linear.bias
 
-    def __init__(self, spec: ModelSpec, config: StageConfig, tp: int) -> None:
+
+def _row(linear: RowParallelLinear, x: torch.Tensor) -> torch.Tensor:
+    """A row-parallel linear of an already split input: partial sums all-reduced over TP, then the bias."""
+    if torch.is_grad_enabled():
+        return linear(x)[0]
+    y = torch.matmul(x, linear.weight.t())
+    if parallel.tp_size() > 1:
+        dist.all_reduce(y, group=parallel.tp_group())
+    return y if linear.bias is None else y + linear.bias
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention (GQA, RoPE) and SwiGLU MLP; this TP rank's heads and MLP columns.
+
+    ``index`` is the layer's position within its pipeline stage (the attention context's layer id)."""
+
+    def __init__(self, spec: ModelSpec, config: StageConfig, tp: int, index: int) -> None:
         super().__init__()
         self.spec = spec
+        self.index = index
         self.q_heads = spec.num_heads // tp
         self.kv_heads = spec.num_kv_heads // tp
         d, h = spec.head_dim, spec.hidden_size
@@ -163,16 +194,16 @@ class DecoderLayer(nn.Module):
             skip_bias_add=False,
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segs: PackedSegments) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionContext
+    ) -> torch.Tensor:
         t, d = x.shape[0], self.spec.head_dim
-        qkv, _ = self.qkv(self.input_layernorm(x))
+        qkv = _column(self.qkv, self.input_layernorm(x))
         q, k, v = qkv.view(t, -1, d).split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
-        attn = packed_causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, segs)
-        out, _ = self.o_proj(attn.reshape(t, self.q_heads * d))
-        x = x + out
-        gate, up = self.gate_up(self.post_attention_layernorm(x))[0].chunk(2, dim=-1)
-        out, _ = self.down(F.silu(gate) * up)
-        return x + out
+        attn = attention.attend(self.index, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        x = x + _row(self.o_proj, attn.reshape(t, self.q_heads * d))
+        gate, up = _column(self.gate_up, self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + _row(self.down, F.silu(gate) * up)
 
 
 class DecoderStage(nn.Module):
@@ -181,7 +212,9 @@ class DecoderStage(nn.Module):
     ``forward(input_ids, cu_seqlens)``: ``input_ids`` int [T] (read on the first stage;
     later stages take the activation given to :meth:`set_input_tensor`), ``cu_seqlens``
     int [N+1]. Returns the final-normed hidden states [T, H] on the last stage and the
-    [T, 1, H] activation for the next stage elsewhere.
+    [T, 1, H] activation for the next stage elsewhere. ``forward(input_ids, attention=ctx)``
+    runs the same layers under another attention context (the rollout's paged one); the last
+    stage then returns the hidden states of ``ctx.output_rows`` only, when it names rows.
 
     ``vocab_pad_multiple``: the embedding (and LM head) rows are ``spec.vocab_size`` rounded up
     to a multiple of ``vocab_pad_multiple * tp`` (:attr:`padded_vocab_size`).
@@ -223,7 +256,7 @@ class DecoderStage(nn.Module):
             self.embed = VocabParallelEmbedding(
                 self.padded_vocab_size, spec.hidden_size, init_method=_no_init, config=self.config
             )
-        self.layers = nn.ModuleList(DecoderLayer(spec, self.config, tp) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.config, tp, i) for i in range(len(self.layer_ids)))
         if self.is_last_stage:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self._input_tensor: torch.Tensor | None = None
@@ -236,7 +269,15 @@ class DecoderStage(nn.Module):
             input_tensor = input_tensor[0]
         self._input_tensor = input_tensor
 
-    def trunk(self, input_ids: torch.Tensor | None, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def trunk(
+        self,
+        input_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        *,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        if (cu_seqlens is None) == (attention is None):
+            raise ValueError("pass exactly one of cu_seqlens (packed segments) and attention (a context)")
         if self.is_first_stage:
             if input_ids is None or input_ids.dim() != 1:
                 got = None if input_ids is None else tuple(input_ids.shape)
@@ -247,21 +288,27 @@ class DecoderStage(nn.Module):
                 raise RuntimeError("a non-first pipeline stage needs set_input_tensor() before forward")
             x = self._input_tensor.view(-1, self.spec.hidden_size)
         t = x.shape[0]
-        segs = PackedSegments.from_cu_seqlens(cu_seqlens, t)
-        cos, sin = rope_cos_sin(
-            segment_positions(segs.cu_seqlens, t), self.spec.head_dim, self.spec.rope_theta, x.dtype
-        )
+        if attention is None:
+            attention = PackedSegments.from_cu_seqlens(cu_seqlens, t)
+        cos, sin = rope_cos_sin(attention.positions(t), self.spec.head_dim, self.spec.rope_theta, x.dtype)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, segs, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attention, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, segs)
+                x = layer(x, cos, sin, attention)
         if self.is_last_stage:
-            return self.norm(x)
+            rows = attention.output_rows
+            return self.norm(x if rows is None else x[rows])
         return x.unsqueeze(1)
 
-    def forward(self, input_ids: torch.Tensor | None, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        return self.trunk(input_ids, cu_seqlens)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        *,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        return self.trunk(input_ids, cu_seqlens, attention=attention)
 
 
 class PolicyModel(DecoderStage):
@@ -326,8 +373,14 @@ class CriticModel(DecoderStage):
                 spec.hidden_size, 1, bias=False, dtype=norm_weight.dtype, device=norm_weight.device
             )
 
-    def forward(self, input_ids: torch.Tensor | None, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        out = self.trunk(input_ids, cu_seqlens)
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
+        *,
+        attention: AttentionContext | None = None,
+    ) -> torch.Tensor:
+        out = self.trunk(input_ids, cu_seqlens, attention=attention)
         if not self.is_last_stage:
             return out
         return self.value_head(out).squeeze(-1)
