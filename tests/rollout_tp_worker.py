@@ -8,8 +8,10 @@ so the unseeded run only agrees across ranks if the engine shares its drawn seed
 repeats the generations with PP=2 (two stages passing activations; rank 0, the first stage,
 only sees the tokens the last stage broadcasts). It also generates at TP=2 from a model with
 an odd vocabulary (:data:`ODD_TP_ARCH`, 131 ids padded to 256: the second shard holds 3 real
-rows), which must give the TP=1 tokens and never a padding id. Rank 0 writes the results to
-OUT_JSON.
+rows), which must give the TP=1 tokens and never a padding id. At TP=2 and at PP=2 it also
+measures the largest gap between the engine's sampling log-probs and the trainer's
+(``packed_token_logprobs``) on random Qwen2 and Llama models (:data:`GAP_ARCHS`, fp32). Rank 0
+writes the results to OUT_JSON.
 
 It also holds the arch and prompts the single-process test reuses.
 """
@@ -35,6 +37,44 @@ TP_SEED = 7
 TP_PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
 ODD_TP_ARCH = {**TP_ARCH, "vocab_size": 131}
 ODD_TP_PROMPTS = [[t % 131 for t in p] for p in TP_PROMPTS]
+GAP_ARCHS = {
+    "qwen2": {**TP_ARCH, "initializer_range": 0.02},
+    "llama": {
+        **TP_ARCH,
+        "model_type": "llama",
+        "head_dim": 32,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "vocab_size": 131,
+    },
+}
+
+
+def max_logprob_gap(arch: dict) -> float:
+    """Largest |rollout - trainer| log-prob over the response tokens of a sampled run (every rank returns it)."""
+    import torch
+
+    from orz_fast.models import build_model
+    from orz_fast.models.lm_head import packed_token_logprobs
+    from orz_fast.rollout import NativeEngine, SamplingParams
+
+    model = build_model(arch, seed=TP_SEED, device="cpu")
+    prompts = [[t % arch["vocab_size"] for t in p] for p in TP_PROMPTS]
+    out = NativeEngine(model, block_size=4).generate(
+        prompts, SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=24)
+    )
+    ids, bounds, rows, targets, rollout = [], [0], [], [], []
+    for prompt, cs in zip(prompts, out, strict=True):
+        for c in cs:
+            start = len(ids)
+            ids += prompt + c.token_ids
+            bounds.append(len(ids))
+            rows += [start + len(prompt) - 1 + t for t in range(len(c.token_ids))]
+            targets += c.token_ids
+            rollout += c.logprobs
+    args = (torch.tensor(ids), torch.tensor(bounds), torch.tensor(rows), torch.tensor(targets))
+    trainer = packed_token_logprobs(model, *args, temperature=0.8)
+    return float((trainer - torch.tensor(rollout)).abs().max())
 
 
 def run_engine(arch: dict = TP_ARCH, prompts: list[list[int]] = TP_PROMPTS) -> dict:
@@ -72,6 +112,7 @@ def main(out_path: str) -> None:
     per_rank = [None, None]
     dist.all_gather_object(per_rank, tokens)
     result["unseeded_ranks_agree"] = per_rank[0] == per_rank[1]
+    result["tp2_gap"] = {name: max_logprob_gap(arch) for name, arch in GAP_ARCHS.items()}
 
     parallel.initialize(tp=1, pp=2)
     result["pp2"] = run_engine()
@@ -81,6 +122,7 @@ def main(out_path: str) -> None:
     per_rank = [None, None]
     dist.all_gather_object(per_rank, [[c.token_ids for c in cs] for cs in unseeded])
     result["pp2_unseeded_stages_agree"] = per_rank[0] == per_rank[1]
+    result["pp2_gap"] = {name: max_logprob_gap(arch) for name, arch in GAP_ARCHS.items()}
 
     if rank == 0:
         with open(out_path, "w") as f:

@@ -1,4 +1,5 @@
-"""Native engine with TP=2 and PP=2 (torchrun, gloo) produces the TP=1 outputs, odd vocabularies included."""
+"""Native engine with TP=2 and PP=2 (torchrun, gloo) produces the TP=1 outputs, odd vocabularies included, and
+its fp32 sampling log-probs equal the trainer's to 1e-6 there too."""
 
 import json
 import os
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollout_tp_worker import ODD_TP_ARCH, ODD_TP_PROMPTS, run_engine
+from rollout_tp_worker import GAP_ARCHS, ODD_TP_ARCH, ODD_TP_PROMPTS, max_logprob_gap, run_engine
 
 from orz_fast import parallel
 
@@ -72,3 +73,11 @@ def test_pp2_matches_pp1(tp2_result, tp1_result):
 
 def test_pp2_unseeded_sampling_agrees_across_stages(tp2_result):
     assert tp2_result["pp2_unseeded_stages_agree"] is True
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_rollout_logprobs_equal_the_trainers_under_tp_and_pp(tp2_result, tp1_result, layout):
+    gaps = tp2_result[f"{layout}_gap"]
+    assert set(gaps) == set(GAP_ARCHS)
+    assert all(gap <= 1e-6 for gap in gaps.values()), gaps
+    assert max_logprob_gap(GAP_ARCHS["qwen2"]) <= 1e-6  # and in this single process

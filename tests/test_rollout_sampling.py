@@ -1,4 +1,4 @@
-"""The rollout sampler: distributions, truncation, greedy, log-probs, counter-based seeding."""
+"""The rollout sampler: distributions, truncation, greedy rows, counter-based seeding."""
 
 import math
 
@@ -35,7 +35,7 @@ def chi_square(tokens, probs):
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
 def test_distribution_matches_softmax(temperature):
     logits = torch.tensor([1.5, -0.3, 0.2, 2.1, -1.0, 0.0])
-    tokens, _ = draw(logits, 40_000, temperature=temperature)
+    tokens = draw(logits, 40_000, temperature=temperature)
     stat, df = chi_square(tokens, torch.softmax(logits / temperature, -1))
     assert stat < CHI2_999[df], stat
 
@@ -44,7 +44,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log()
     for top_p, support in [(0.7, [1, 3]), (0.8, [1, 3]), (0.81, [1, 3, 2]), (0.4, [1])]:
-        tokens, _ = draw(logits, 20_000, top_p=top_p)
+        tokens = draw(logits, 20_000, top_p=top_p)
         expected = torch.zeros(4)
         expected[support] = probs[support] / probs[support].sum()
         stat, df = chi_square(tokens, expected)
@@ -54,23 +54,22 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_top_k_and_top_p_together():
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
-    tokens, _ = draw(probs.log(), 5000, top_k=3, top_p=0.95)
+    tokens = draw(probs.log(), 5000, top_k=3, top_p=0.95)
     assert set(tokens.unique().tolist()) == {0, 1, 2}
-    tokens, _ = draw(probs.log(), 5000, top_k=1)
+    tokens = draw(probs.log(), 5000, top_k=1)
     assert set(tokens.unique().tolist()) == {0}
 
 
-def test_greedy_and_logprobs():
+def test_greedy_rows_take_the_argmax():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
     temps = torch.tensor([0.0, 1.0, 0.7, 0.0, 2.0])
-    tokens, logprobs = sample_tokens(
+    tokens = sample_tokens(
         logits, temps, torch.ones(5), torch.full((5,), -1), torch.arange(5), torch.zeros(5, dtype=torch.long)
     )
     assert tokens[0] == logits[0].argmax() and tokens[3] == logits[3].argmax()
-    scale = torch.where(temps > 0, temps, torch.ones(5))
-    ref = torch.log_softmax(logits.double() / scale[:, None].double(), -1).gather(1, tokens[:, None]).squeeze(1)
-    torch.testing.assert_close(logprobs.double(), ref, rtol=0, atol=1e-5)
+    # the hot rows are draws, not the argmax, for these seeds
+    assert any(tokens[i] != logits[i].argmax() for i in (1, 2, 4))
 
 
 def test_rows_are_independent_of_batch_composition():
@@ -78,11 +77,11 @@ def test_rows_are_independent_of_batch_composition():
     logits = torch.randn(8, 100)
     args = (torch.ones(8), torch.full((8,), 0.9), torch.full((8,), 50), torch.arange(100, 108))
     pos = torch.arange(8)
-    batched, _ = sample_tokens(logits, *args, pos)
+    batched = sample_tokens(logits, *args, pos)
     for i in range(8):
-        alone, _ = sample_tokens(logits[i : i + 1], *(a[i : i + 1] for a in args), pos[i : i + 1])
+        alone = sample_tokens(logits[i : i + 1], *(a[i : i + 1] for a in args), pos[i : i + 1])
         assert alone.item() == batched[i].item()
-    again, _ = sample_tokens(logits, *args, pos)
+    again = sample_tokens(logits, *args, pos)
     assert torch.equal(batched, again)
 
 
@@ -101,6 +100,8 @@ def test_shape_errors():
         sample_tokens(torch.zeros(4), *(torch.zeros(4),) * 5)
     with pytest.raises(ValueError, match=r"top_p must be \[2\], got shape \(3,\)"):
         sample_tokens(torch.zeros(2, 4), torch.ones(2), torch.ones(3), torch.ones(2), torch.ones(2), torch.ones(2))
+    with pytest.raises(ValueError, match="logits must be float32 .* got torch.bfloat16"):
+        sample_tokens(torch.zeros(2, 4, dtype=torch.bfloat16), *(torch.ones(2),) * 5)
 
 
 @pytest.mark.parametrize(

@@ -1,34 +1,51 @@
-"""Paged KV cache: fixed-size blocks, a ref-counted block allocator and paged decode attention.
+"""Paged KV cache: fixed-size blocks and a ref-counted block allocator.
 
 A sequence's K/V live in the blocks named by its block table (token ``p`` in slot
 ``p % block_size`` of block ``table[p // block_size]``). Blocks are ref-counted so the
 full blocks of a prompt are shared by its ``n`` samples; a block is written only by
-the one sequence that holds it alone.
+the one sequence that holds it alone. Attention over the cache is the model's
+(:class:`orz_fast.models.paged.PagedAttention`).
 """
 
 from __future__ import annotations
 
+import heapq
+
 import torch
-import torch.nn.functional as F
 
 
 class BlockAllocator:
-    """Free list and reference counts of ``num_blocks`` KV blocks (host-side bookkeeping only)."""
+    """Free list and reference counts of ``num_blocks`` KV blocks (host-side bookkeeping only).
+
+    Two-ended: blocks that several sequences will share (a prompt's full blocks, for its samples)
+    come from the low ids, blocks one sequence owns from the high ids. A decode step's shared and
+    private blocks then form two compact runs of ids, which the CPU decode attention reads as two
+    views of the cache (see :func:`orz_fast.kernels.paged_attention.plan_block_runs`); the GPU
+    kernels read through the block tables and do not care.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
+        self._low = list(range(num_blocks))  # min-heap of free ids (may hold stale, allocated ones)
+        self._high = [-b for b in range(num_blocks - 1, -1, -1)]  # max-heap, negated
+        heapq.heapify(self._high)
+        self._num_free = num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
-    def allocate(self) -> int:
-        if not self._free:
+    def allocate(self, *, shared: bool = False) -> int:
+        """A free block with one holder: the lowest free id when ``shared``, else the highest."""
+        if self._num_free == 0:
             raise RuntimeError("KV cache out of blocks (the scheduler must reserve before allocating)")
-        block = self._free.pop()
+        while True:
+            block = heapq.heappop(self._low) if shared else -heapq.heappop(self._high)
+            if self._refs[block] == 0:  # entries of blocks allocated from the other end are stale
+                break
         self._refs[block] = 1
+        self._num_free -= 1
         return block
 
     def share(self, block: int) -> int:
@@ -41,11 +58,17 @@ class BlockAllocator:
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each of ``blocks``; a block nobody holds returns to the free list."""
         for block in blocks:
+            if self._refs[block] < 1:
+                raise RuntimeError(f"block {block} released more often than allocated")
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
-            elif self._refs[block] < 0:
-                raise RuntimeError(f"block {block} released more often than allocated")
+                self._num_free += 1
+                heapq.heappush(self._low, block)
+                heapq.heappush(self._high, -block)
+
+    def refs(self, block: int) -> int:
+        """Holders of ``block`` (0 when free)."""
+        return self._refs[block]
 
 
 class PagedKVCache:
@@ -88,38 +111,3 @@ class PagedKVCache:
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy blocks ``src[i]`` to ``dst[i]`` in every layer (int64 [N] on the cache's device)."""
         self.data[:, :, dst] = self.data[:, :, src]
-
-
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-) -> torch.Tensor:
-    """One query token per sequence attending to its cached K/V.
-
-    Args:
-        q: [B, Hq, D] queries (Hq a multiple of Hkv; query head h reads K/V head ``h // (Hq / Hkv)``).
-        k_cache, v_cache: [num_blocks, block_size, Hkv, D].
-        block_tables: int64 [B, M] block ids per sequence (padding entries may name any block).
-        context_lens: int64 [B] tokens to attend to (the query's own K/V already written), 1..M*block_size.
-    Returns:
-        [B, Hq, D].
-    """
-    B, Hq, D = q.shape
-    M = block_tables.shape[1]
-    _, bs, Hkv, _ = k_cache.shape
-    if block_tables.shape[0] != B or context_lens.shape != (B,):
-        raise ValueError(
-            f"block_tables [B, M] and context_lens [B] must match q's B={B}, "
-            f"got {tuple(block_tables.shape)} and {tuple(context_lens.shape)}"
-        )
-    flat = block_tables.flatten()
-    k = k_cache.index_select(0, flat).view(B, M * bs, Hkv, D).transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache.index_select(0, flat).view(B, M * bs, Hkv, D).transpose(1, 2)
-    mask = torch.arange(M * bs, device=q.device)[None, :] < context_lens[:, None]  # [B, L]
-    # The G = Hq / Hkv query heads of a group act as G query rows against their shared K/V head,
-    # so grouped-query attention needs no repeated K/V.
-    out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, D), k, v, attn_mask=mask[:, None, None, :])
-    return out.reshape(B, Hq, D)

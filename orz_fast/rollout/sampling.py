@@ -98,38 +98,40 @@ def sample_tokens(
     top_k: torch.Tensor,
     seeds: torch.Tensor,
     positions: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row.
+) -> torch.Tensor:
+    """Sample one token per row from ``softmax(logits / temperature)`` (argmax where the temperature is 0).
 
     Args:
-        logits: [B, V] next-token logits (any float dtype).
+        logits: [B, V] fp32 next-token logits (the engine's come from the trainer's LM-head path).
         temperature: [B] float; 0 is greedy.
         top_p: [B] float in (0, 1].
         top_k: [B] int64; <= 0 keeps all.
         seeds: [B] int64 per-sequence seeds.
         positions: [B] int64 index of the token being generated (the RNG counter).
     Returns:
-        tokens [B] int64 and their log-probs [B] float32 under ``log_softmax(logits / temperature)``
-        (temperature 1 for greedy rows), before top-p / top-k truncation.
+        tokens [B] int64. (Their log-probs are the LM head's: ``orz_fast.models.lm_head``.)
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    if logits.dtype != torch.float32:
+        raise ValueError(f"logits must be float32 (sampling is done in fp32), got {logits.dtype}")
     B, V = logits.shape
     for name, t in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seeds", seeds)):
         if t.shape != (B,):
             raise ValueError(f"{name} must be [{B}], got shape {tuple(t.shape)}")
     greedy = temperature <= 0
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    logp = torch.log_softmax(logits.float() / temp[:, None], dim=-1)  # [B, V]
-
-    u = counter_uniform(seeds, positions).to(logp.device)
+    z = logits / temp[:, None]  # [B, V]
     truncate = (top_p < 1) | ((top_k > 0) & (top_k < V))
-    # Inverse-CDF sampling; the row's total mass rescales u, so truncated rows need no renormalisation.
-    if bool(truncate.any()):  # host sync: one bool per step decides whether the sort is needed at all
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        probs = sorted_logp.exp()
+    # host sync: two bools per step decide whether the sort and the argmax are needed at all
+    any_truncate, any_greedy = torch.stack((truncate.any(), greedy.any())).tolist()
+    u = counter_uniform(seeds, positions).to(z.device)
+    # Inverse-CDF sampling; the row's total mass rescales u, so no row needs normalising.
+    if any_truncate:
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        rank = torch.arange(V, device=logp.device)
+        rank = torch.arange(V, device=z.device)
         k = torch.where(top_k > 0, top_k, V).clamp(max=V)
         keep = (mass_before < top_p[:, None].float()) & (rank[None, :] < k[:, None])
         probs = probs * keep
@@ -138,10 +140,12 @@ def sample_tokens(
         pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)
         sampled = order.gather(1, pick).squeeze(1)
     else:
-        cdf = logp.exp().double().cumsum(dim=-1)
+        weights = torch.exp(z - z.max(dim=-1, keepdim=True).values)
+        cdf = weights.double().cumsum(dim=-1)
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1).squeeze(1)
-    tokens = torch.where(greedy.to(logp.device), logp.argmax(dim=-1), sampled)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+    if any_greedy:
+        return torch.where(greedy.to(z.device), logits.argmax(dim=-1), sampled)
+    return sampled
 
 
 def find_stop(text: str, stops: list[str], start: int = 0) -> int:
