@@ -9,13 +9,19 @@ CPU (fp32, one thread, small Qwen2-shaped random model), two workloads:
   transformers' only extra work): the per-step cost of the two decoders side by side.
 
 The two run alternately, five times each, and the ratio is the median of the per-pair
-ratios. Target (issue 6): >= 2x transformers on the ``rl`` workload.
+ratios. Target: >= 2x transformers on the ``rl`` workload.
+
+KV traffic: per decoded token, the K/V bytes the engine's decode attention read (``kv_read_bytes_per_token``,
+counted by the attention context) beside the least an attention reading each sequence's context
+once must read (``kv_min_bytes_per_token``). Target: ``kv_read_ratio`` <= 1.2 on both workloads (the
+engine reads a prompt block its samples share once for all of them, so ``rl`` is below 1).
 
 CUDA (the issue's shapes, bf16 random weights): Qwen2.5-0.5B- and 1.5B-shaped models,
 256 sequences, 512-token prompts, 1,024 new tokens: tokens/s, ratio to transformers and
 % of the decode roofline (weights + KV bytes read per decode step over the measured copy
-bandwidth, against the engine's whole time, prefill included). Targets: >= 5x
-transformers, >= 30% of roofline. Not run yet: no GPU was available when it was written.
+bandwidth, against the engine's whole time, prefill included), and the KV-read ratio. Targets: >= 5x
+transformers, >= 30% of roofline, KV read <= 1.2x the minimum. Not run yet: no GPU was available
+when it was written.
 """
 
 from __future__ import annotations
@@ -40,6 +46,17 @@ CPU_WORKLOADS = {
 }
 GPU_ARCHS = {"qwen2.5-0.5b-shape": QWEN25_0P5B, "qwen2.5-1.5b-shape": QWEN25_1P5B}
 GPU_SEQS, GPU_PROMPT, GPU_NEW = 256, 512, 1024
+KV_READ_TARGET = 1.2
+
+
+def kv_figures(stats: dict) -> dict:
+    """K/V bytes read per decoded token, the minimum, and their ratio, from the engine's ``last_stats``."""
+    tokens = stats["decode_tokens"]
+    return {
+        "kv_read_bytes_per_token": stats["kv_bytes_read"] / tokens,
+        "kv_min_bytes_per_token": stats["kv_bytes_min"] / tokens,
+        "kv_read_ratio": stats["kv_bytes_read"] / stats["kv_bytes_min"],
+    }
 
 
 def random_prompts(count: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -131,10 +148,13 @@ def test_rollout_cpu_vs_transformers():
                 "transformers_tokens_per_s": tokens / statistics.median(t_hf),
                 "ratio": statistics.median(h / e for e, h in zip(t_engine, t_hf, strict=True)),
                 "ratio_min": min(h / e for e, h in zip(t_engine, t_hf, strict=True)),
+                **kv_figures(engine.last_stats),
                 "engine_stats": dict(engine.last_stats),
             }
         # while one thread is set, so the device line says so
-        path = write_result("rollout", figures, ratios={f"{name}/ratio": "higher" for name in CPU_WORKLOADS})
+        ratios = {f"{name}/ratio": "higher" for name in CPU_WORKLOADS}
+        ratios.update({f"{name}/kv_read_ratio": "lower" for name in CPU_WORKLOADS})
+        path = write_result("rollout", figures, ratios=ratios)
     finally:
         torch.set_num_threads(threads)
     print(f"\nrollout -> {path}")
@@ -142,9 +162,13 @@ def test_rollout_cpu_vs_transformers():
         f = figures[name]
         print(
             f"  {name}: engine {f['engine_tokens_per_s']:.0f} tok/s, transformers "
-            f"{f['transformers_tokens_per_s']:.0f} tok/s, ratio {f['ratio']:.2f}x"
+            f"{f['transformers_tokens_per_s']:.0f} tok/s, ratio {f['ratio']:.2f}x; KV read "
+            f"{f['kv_read_bytes_per_token'] / 1024:.1f} KiB per decoded token, minimum "
+            f"{f['kv_min_bytes_per_token'] / 1024:.1f} KiB ({f['kv_read_ratio']:.2f}x)"
         )
     assert figures["rl"]["ratio"] >= 2.0, f"rl workload only {figures['rl']['ratio']:.2f}x transformers"
+    for name in CPU_WORKLOADS:
+        assert figures[name]["kv_read_ratio"] <= KV_READ_TARGET, (name, figures[name]["kv_read_ratio"])
 
 
 def copy_bandwidth() -> float:
@@ -200,10 +224,16 @@ def test_rollout_gpu_vs_transformers(name):
         "decode_roofline_s": floor,
         "roofline_fraction": floor / t_engine,
         "engine_peak_memory_gib": peak_engine / 2**30,
+        **kv_figures(stats),
         "engine_stats": stats,
     }
-    path = write_result(f"rollout_{name}", figures, ratios={"ratio": "higher", "roofline_fraction": "higher"})
+    path = write_result(
+        f"rollout_{name}",
+        figures,
+        ratios={"ratio": "higher", "roofline_fraction": "higher", "kv_read_ratio": "lower"},
+    )
     rate, ratio = figures["engine_tokens_per_s"], figures["ratio"]
     print(f"\nrollout {name} -> {path}: {rate:.0f} tok/s, {ratio:.2f}x transformers")
     assert figures["ratio"] >= 5.0
     assert figures["roofline_fraction"] >= 0.30
+    assert figures["kv_read_ratio"] <= KV_READ_TARGET

@@ -196,28 +196,34 @@ class BlockRun:
     hi: int
     width: int
     """Query slots per block: the most sequences that read one block of the run."""
-    q_index: torch.Tensor
-    """int64 [P]: each pair's query slot, ``(block - lo) * width + rank among the block's readers``."""
+    q_block: torch.Tensor
+    """int64 [P]: each pair's block, ``block - lo``."""
+    q_slot: torch.Tensor
+    """int64 [P]: each pair's query slot in its block (its rank among the block's readers)."""
     q_rows: torch.Tensor
     """int64 [P]: each pair's sequence (row of q)."""
     out_index: torch.Tensor
     """int64 [P]: where each pair's partial result goes, ``row * max_blocks + position of the block in the row``."""
     live: torch.Tensor
     """int64 [P]: tokens of the block the pair attends to (its context's share of the block)."""
-    _bias: dict = field(default_factory=dict)
+
+    def head_rows(self, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices, pair-major then K/V head, into q viewed [B * Hkv, G * D] and into the run's queries viewed
+        [(hi - lo) * Hkv * width, G * D]: the gathers that place and pick the pairs' query groups."""
+        h = torch.arange(kv_heads)
+        src = (self.q_rows[:, None] * kv_heads + h).flatten()
+        dst = ((self.q_block[:, None] * kv_heads + h) * self.width + self.q_slot[:, None]).flatten()
+        return src, dst
 
     def bias(self, group: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [hi - lo, 1, width * group, block_size]: 0 on a slot's live tokens, -inf after."""
-        key = (group, dtype)
-        if key not in self._bias:
-            n = self.hi - self.lo
-            live = torch.full((n * self.width,), block_size, dtype=torch.int64)
-            live[self.q_index] = self.live
-            dead = torch.arange(block_size)[None, :] >= live[:, None]
-            bias = torch.zeros(dead.shape, dtype=dtype).masked_fill_(dead, float("-inf"))
-            bias = bias.view(n, self.width, 1, block_size).expand(n, self.width, group, block_size)
-            self._bias[key] = bias.reshape(n, 1, self.width * group, block_size)
-        return self._bias[key]
+        """Additive mask [hi - lo, 1, width * group, block_size]: 0 on a slot's live tokens, -inf after (slots no
+        pair uses see the whole block: finite results nobody reads)."""
+        n = self.hi - self.lo
+        live = torch.full((n, self.width), block_size, dtype=torch.int64)
+        live[self.q_block, self.q_slot] = self.live
+        dead = torch.arange(block_size) >= live[:, :, None]
+        bias = torch.zeros(dead.shape, dtype=dtype).masked_fill_(dead, float("-inf"))
+        return bias[:, :, None, :].expand(n, self.width, group, block_size).reshape(n, 1, self.width * group, -1)
 
 
 @dataclass
@@ -228,11 +234,27 @@ class BlockPlan:
     num_rows: int
     max_blocks: int
     block_size: int
+    _buffers: dict = field(default_factory=dict)
 
     @property
     def blocks_read(self) -> int:
         """Blocks the step's SDPA calls read per layer (each K and V block once)."""
         return sum(r.hi - r.lo for r in self.runs)
+
+    def buffers(self, dtype: torch.dtype, kv_heads: int, group: int, head_dim: int):
+        """Per-step work buffers, made at the first layer and reused by the others (every layer writes the same
+        positions): per run its queries [n, Hkv, width, G * D] (zero where no pair is) and additive mask; the
+        partial results [B * M, Hq, D] and their log-sum-exps [B * M, Hq] (-inf where a row has no block)."""
+        key = (dtype, kv_heads, group, head_dim)
+        if key not in self._buffers:
+            B, M, Hq = self.num_rows, self.max_blocks, kv_heads * group
+            queries = [torch.zeros(r.hi - r.lo, kv_heads, r.width, group * head_dim, dtype=dtype) for r in self.runs]
+            masks = [r.bias(group, self.block_size, dtype) for r in self.runs]
+            indices = [r.head_rows(kv_heads) for r in self.runs]
+            out = torch.zeros(B * M, Hq * head_dim, dtype=torch.promote_types(dtype, torch.float32))
+            lse = torch.full((B * M, Hq), float("-inf"), dtype=torch.float32)
+            self._buffers[key] = (queries, masks, indices, out, lse)
+        return self._buffers[key]
 
 
 def plan_block_runs(block_tables: list[list[int]], context_lens: list[int], block_size: int) -> BlockPlan:
@@ -269,17 +291,20 @@ def plan_block_runs(block_tables: list[list[int]], context_lens: list[int], bloc
             lo, hi = int(ids[a]), int(ids[b - 1]) + 1
             pick = sel[(blocks[sel] >= lo) & (blocks[sel] < hi)]
             blk = blocks[pick] - lo
-            order = torch.argsort(blk, stable=True)
-            sorted_blk = blk[order]
-            rank = torch.empty_like(blk)
-            rank[order] = torch.arange(blk.numel()) - torch.searchsorted(sorted_blk, sorted_blk)
-            width = int(rank.max()) + 1
+            if shared:
+                order = torch.argsort(blk, stable=True)
+                sorted_blk = blk[order]
+                slot = torch.empty_like(blk)
+                slot[order] = torch.arange(blk.numel()) - torch.searchsorted(sorted_blk, sorted_blk)
+            else:
+                slot = torch.zeros_like(blk)
             runs.append(
                 BlockRun(
                     lo=lo,
                     hi=hi,
-                    width=width,
-                    q_index=blk * width + rank,
+                    width=int(slot.max()) + 1,
+                    q_block=blk,
+                    q_slot=slot,
                     q_rows=rows[pick],
                     out_index=rows[pick] * max_blocks + pos[pick],
                     live=live[pick],
@@ -298,25 +323,23 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             f"paged decode attention: the plan is for {plan.num_rows} rows of blocks of {plan.block_size}, "
             f"got q {tuple(q.shape)} and a cache of blocks of {S}"
         )
-    M = plan.max_blocks
-    lse_rows = q.new_full((B * M, Hq), float("-inf"), dtype=torch.float32)
-    out_rows = q.new_zeros(B * M, Hq, D, dtype=torch.float32)
-    for run in plan.runs:
+    queries, masks, indices, out_rows, lse_rows = plan.buffers(q.dtype, Hkv, G, D)
+    q_groups = q.reshape(B * Hkv, G * D)
+    for run, qb, mask, (src, dst) in zip(plan.runs, queries, masks, indices, strict=True):
         n, w = run.hi - run.lo, run.width
-        qb = q.new_zeros(n * w, Hkv, G, D)
-        qb.index_copy_(0, run.q_index, q.view(B, Hkv, G, D).index_select(0, run.q_rows))
+        qb.view(-1, G * D).index_copy_(0, dst, q_groups.index_select(0, src))
         # [n, Hkv, w * G, D]: the queries of each block's readers; the blocks are a view of the cache
-        qb = qb.view(n, w, Hkv, G, D).transpose(1, 2).reshape(n, Hkv, w * G, D)
-        k = k_cache[run.lo : run.hi].transpose(1, 2)
-        v = v_cache[run.lo : run.hi].transpose(1, 2)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb, k, v, attn_mask=run.bias(G, S, q.dtype)
+            qb.view(n, Hkv, w * G, D),
+            k_cache[run.lo : run.hi].transpose(1, 2),
+            v_cache[run.lo : run.hi].transpose(1, 2),
+            attn_mask=mask,
         )
-        out = out.view(n, Hkv, w, G, D).transpose(1, 2).reshape(n * w, Hq, D)
-        lse = lse.view(n, Hkv, w, G).transpose(1, 2).reshape(n * w, Hq)
-        out_rows.index_copy_(0, run.out_index, out.index_select(0, run.q_index).float())
-        lse_rows.index_copy_(0, run.out_index, lse.index_select(0, run.q_index).float())
+        picked = out.view(-1, G * D).index_select(0, dst).view(-1, Hq * D)  # [P, Hq * D]
+        out_rows.index_copy_(0, run.out_index, picked.to(out_rows.dtype))
+        lse_rows.index_copy_(0, run.out_index, lse.reshape(-1, G).index_select(0, dst).view(-1, Hq))
     # merge each row's per-block results in fp32: weights softmax(lse) over its blocks
+    M = plan.max_blocks
     weights = torch.softmax(lse_rows.view(B, M, Hq), dim=1)
     return torch.einsum("bmh,bmhd->bhd", weights, out_rows.view(B, M, Hq, D)).to(q.dtype)
 

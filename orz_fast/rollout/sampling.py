@@ -135,13 +135,12 @@ def sample_tokens(
         k = torch.where(top_k > 0, top_k, V).clamp(max=V)
         keep = (mass_before < top_p[:, None].float()) & (rank[None, :] < k[:, None])
         probs = probs * keep
-        cdf = probs.double().cumsum(dim=-1)
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
         pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1)
         pick = torch.minimum(pick, keep.sum(dim=-1, keepdim=True) - 1)
         sampled = order.gather(1, pick).squeeze(1)
     else:
-        weights = torch.exp(z - z.max(dim=-1, keepdim=True).values)
-        cdf = weights.double().cumsum(dim=-1)
+        cdf = torch.cumsum(torch.softmax(z, dim=-1), dim=-1, dtype=torch.float64)
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=V - 1).squeeze(1)
     if any_greedy:
         return torch.where(greedy.to(z.device), logits.argmax(dim=-1), sampled)
