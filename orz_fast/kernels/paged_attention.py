@@ -270,13 +270,14 @@ def plan_block_runs(block_tables: list[list[int]], context_lens: list[int], bloc
             f"paged decode plan: each context needs 1 .. len(table) blocks of {block_size}, got context lens "
             f"{context_lens} for tables of {[len(t) for t in block_tables]} blocks"
         )
-    num_pairs = torch.tensor(counts)
-    rows = torch.repeat_interleave(torch.arange(len(counts)), num_pairs)
+    # one (sequence, block) pair per block a context uses: its row, position in the row, block id, live tokens
+    rows = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)], dtype=torch.int64)
+    pos = torch.tensor([j for c in counts for j in range(c)], dtype=torch.int64)
     blocks = torch.tensor([b for t, c in zip(block_tables, counts, strict=True) for b in t[:c]], dtype=torch.int64)
-    starts = torch.cumsum(num_pairs, 0) - num_pairs
-    pos = torch.arange(blocks.numel()) - torch.repeat_interleave(starts, num_pairs)
-    ctx = torch.tensor(context_lens, dtype=torch.int64)
-    live = (ctx[rows] - pos * block_size).clamp(max=block_size)
+    live = torch.tensor(
+        [min(block_size, n - j * block_size) for n, c in zip(context_lens, counts, strict=True) for j in range(c)],
+        dtype=torch.int64,
+    )
     max_blocks = max(counts)
     readers = torch.bincount(blocks)
     runs = []
