@@ -120,11 +120,12 @@ def sample_tokens(
         if t.shape != (B,):
             raise ValueError(f"{name} must be [{B}], got shape {tuple(t.shape)}")
     greedy = temperature <= 0
-    temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
-    z = logits / temp[:, None]  # [B, V]
     truncate = (top_p < 1) | ((top_k > 0) & (top_k < V))
-    # host sync: two bools per step decide whether the sort and the argmax are needed at all
-    any_truncate, any_greedy = torch.stack((truncate.any(), greedy.any())).tolist()
+    # host sync: three bools per step decide whether the division, the sort and the argmax are needed at all
+    unit, any_truncate, any_greedy = torch.stack(((temperature == 1).all(), truncate.any(), greedy.any())).tolist()
+    z = logits
+    if not unit:
+        z = logits / torch.where(greedy, torch.ones_like(temperature), temperature).float()[:, None]  # [B, V]
     u = counter_uniform(seeds, positions).to(z.device)
     # Inverse-CDF sampling; the row's total mass rescales u, so no row needs normalising.
     if any_truncate:
