@@ -8,7 +8,9 @@ A push is three calls, on every vLLM worker:
    quantised or repacked layers are the same case);
 2. :meth:`VllmWorkerExtension.orz_load_bucket` per bucket -- the bucket's Hugging Face tensors go
    through the model's own ``load_weights`` (fusing QKV / gate-up, resharding to vLLM's TP); a
-   layer is processed (repacked) as soon as all its tensors arrived;
+   layer is processed (repacked) as soon as all its tensors arrived, so the tensors given to it
+   must outlive the bucket (CUDA IPC: torch keeps a shared block alive while the receiver holds
+   a view; shared-memory file: copied out, since the sender reuses the file);
 3. :meth:`VllmWorkerExtension.orz_finish_weight_update` -- the reload is finalised and the
    parameters no bucket loaded are returned (the sender raises on any).
 
@@ -42,13 +44,34 @@ class VllmWorkerExtension:
             raise RuntimeError("orz_load_bucket before orz_begin_weight_update")
         load = self.model_runner.model.load_weights
         if isinstance(message, bytes):
-            return load_ipc_bucket(message, lambda weights: self._orz_loaded.update(load(weights)))
+
+            def load_all(weights):
+                self._orz_loaded.update(load(weights))
+                self._orz_load_tied_head(weights)
+
+            return load_ipc_bucket(message, load_all)
         if not ShmBucketReceiver.is_message(message):
             raise ValueError(f"not a weight-bucket message: {type(message).__name__}")
-        weights = self._orz_receiver.open(message)
+        # vLLM's layerwise reload keeps the tensors it is given until their whole layer has arrived, which may be
+        # in a later bucket, and the sender reuses the shared file for that bucket: keep copies, not views.
+        weights = [(name, view.clone()) for name, view in self._orz_receiver.open(message)]
         with torch.no_grad():
             self._orz_loaded.update(load(weights))
+            self._orz_load_tied_head(weights)
         return len(weights)
+
+    def _orz_load_tied_head(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """A tied LM head is its own layer to the reload: on CPU vLLM packs a separate GEMM copy of it, which
+        the model's ``load_weights`` (skipping ``lm_head.weight`` when tied) never refreshes; load the
+        embedding into it too (on GPU it writes the same storage again)."""
+        model = self.model_runner.model
+        if not getattr(self.model_runner.model_config.hf_config, "tie_word_embeddings", False):
+            return
+        head = getattr(model, "lm_head", None)
+        for name, tensor in weights:
+            if name == "model.embed_tokens.weight" and head is not None:
+                head.weight.weight_loader(head.weight, tensor)
+                self._orz_loaded.add("lm_head.weight")
 
     def orz_finish_weight_update(self) -> list[str]:
         """Finalise the reload; returns the served model's parameters that no bucket loaded (sorted)."""
