@@ -69,7 +69,9 @@ def engines(checkpoints):
         with pytest.raises(RuntimeError, match="call update_weights"):
             engine.generate(PROMPTS, GREEDY)  # vLLM's dummy weights until the first push
         out[name] = engine
-    return out
+    yield out
+    for engine in out.values():
+        engine.shutdown()
 
 
 def transformers_greedy(hf, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -174,6 +176,20 @@ def test_seeds_reproduce_across_batch_order_and_n_samples_differ(checkpoints, en
     for prompt, completions in ((a, first[0]), (b, first[1])):
         for c in completions:
             assert_close(c.logprobs, transformers_logprobs(hf, prompt, c.token_ids, 0.8))
+
+
+def test_seeded_batch_larger_than_one_prefill_step(checkpoints, engines):
+    """More prompt tokens than one engine step takes (4096): on CPU a split prefill broke seeded requests."""
+    path, _ = checkpoints["qwen2"]
+    engine = engines["qwen2"]
+    engine.update_weights(load_pretrained(path))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, QWEN2_GQA1["vocab_size"], (110,), generator=g).tolist() for _ in range(40)]
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=8, seed=3)
+    batch = engine.generate(prompts, params)
+    assert all(len(c.token_ids) == 8 for cs in batch for c in cs)
+    for i in (0, 39):
+        assert [c.token_ids for c in engine.generate([prompts[i]], params)[0]] == [c.token_ids for c in batch[i]]
 
 
 def test_stop_strings_stop_ids_and_max_tokens_match_the_native_engine(checkpoints, engines):

@@ -71,6 +71,7 @@ def main(ckpt: Path, out: Path) -> None:
             "logprobs": [o[0].logprobs for o in outs],
         }
         (out / "report.json").write_text(json.dumps(report))
+        engine.shutdown()
     else:
         for _ in iter_hf_tensors(model):
             pass

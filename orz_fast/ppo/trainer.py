@@ -670,6 +670,8 @@ class Trainer:
                 bar.close()
             self.metrics.close()
             self.scorer.close()
+            if isinstance(self.engine, VllmEngine):
+                self.engine.shutdown()
 
 
 @torch.no_grad()

@@ -274,6 +274,9 @@ class VllmEngine:
             if device is not None and torch.device(device).type != "cpu":
                 raise ValueError(f"this vLLM build runs on CPU; device must be None or 'cpu', got {device!r}")
             place = contextlib.nullcontext()
+            # vLLM 0.32's CPU worker fails every seeded request once a prefill is split over steps
+            # ("CPU Generator does not use offset"); the trainer seeds every request, so prompts are never split.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         else:
             if not torch.cuda.is_available():
                 raise RuntimeError(f"vLLM's platform is {current_platform.device_type} but torch sees no CUDA GPU")
@@ -308,6 +311,10 @@ class VllmEngine:
         """False while the weights are vLLM's dummy ones, were discarded by a level-2 sleep, or a push failed."""
         self.last_push: dict[str, int] = {}
         """Counters of the last :meth:`update_weights`: buckets, bytes."""
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine and worker processes now (otherwise they stop when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     # ------------------------------------------------------------------ memory
 

@@ -46,14 +46,17 @@ def write_vllm_model_dir(hf_config: dict[str, Any], tokenizer: Any, path: str | 
 
     Args:
         hf_config: the policy's Hugging Face config fields (``ModelSpec.hf_config``).
-        tokenizer: a :class:`CharTokenizer` (written as its Hugging Face equivalent) or a
-            Hugging Face tokenizer (``save_pretrained``).
+        tokenizer: a :class:`CharTokenizer` (written as its Hugging Face equivalent), a
+            Hugging Face tokenizer (``save_pretrained``), or None (token ids only: the engine then
+            needs ``skip_tokenizer_init=True``).
         path: directory to create or overwrite.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = {**hf_config, "architectures": [served_architecture(hf_config)]}
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is None:
+        return path
     if isinstance(tokenizer, CharTokenizer):
         tokenizer = char_tokenizer_as_hf(tokenizer, int(hf_config["vocab_size"]))
     if not hasattr(tokenizer, "save_pretrained"):
