@@ -51,7 +51,7 @@ class ParallelConfig:
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["native", "vllm"] = "native"
-    """Rollout engine: ``native`` shares the policy's tensors; ``vllm`` receives bucketed CUDA-IPC pushes."""
+    """Rollout engine: ``native`` shares the policy's tensors; ``vllm`` receives bucketed weight pushes."""
     prompts_per_step: int = 128
     """Distinct prompts sampled per PPO step."""
     samples_per_prompt: int = 64
@@ -69,7 +69,7 @@ class RolloutConfig:
     kv_cache_fraction: float = 0.9
     """Fraction of free accelerator memory the rollout's KV cache may take (released after rollout)."""
     weight_sync_bucket_mb: int = 512
-    """``vllm`` engine: size of one flattened CUDA-IPC weight bucket pushed after each policy update."""
+    """``vllm`` engine: size of one flattened weight bucket pushed after each policy update."""
 
 
 @dataclass(kw_only=True)
