@@ -390,5 +390,6 @@ def test_trainer_with_vllm_engine_without_vllm_fails_before_any_model_is_built(m
 
     monkeypatch.setattr(trainer_module, "model_from_config", no_model)
     cfg = resolve("tiny", overrides=["rollout.engine=vllm"])
-    with pytest.raises(ImportError, match="rollout.engine='vllm' needs vLLM.*install it: pip install"):
+    with pytest.raises(ImportError, match="rollout.engine='vllm' needs vLLM.*install it: pip install") as info:
         Trainer(cfg, "unused-out-dir")
+    assert isinstance(info.value, ValueError)  # so `python -m orz_fast.train` and the planner report it as bad config

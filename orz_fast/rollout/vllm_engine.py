@@ -63,6 +63,11 @@ VLLM_INSTALL_GPU = 'pip install "orz_fast[vllm]"'
 WORKER_EXTENSION = "orz_fast.rollout.vllm_worker.VllmWorkerExtension"
 
 
+class VllmNotInstalledError(ImportError, ValueError):
+    """vLLM cannot be imported. An ImportError, and a ValueError so that callers reporting a run's bad
+    configuration (``python -m orz_fast.train``, the planner) show it as one."""
+
+
 def import_vllm():
     """The ``vllm`` module; ImportError naming the install command when it is missing, a warning when
     its version is not among :data:`TESTED_VLLM_VERSIONS`."""
@@ -70,7 +75,7 @@ def import_vllm():
         import vllm
     except ImportError as e:
         command = VLLM_INSTALL_GPU if torch.cuda.is_available() else VLLM_INSTALL_CPU
-        raise ImportError(
+        raise VllmNotInstalledError(
             f"rollout.engine='vllm' needs vLLM, which cannot be imported ({e}); install it: {command}"
         ) from e
     version = str(getattr(vllm, "__version__", "unknown")).split("+")[0]
