@@ -138,13 +138,20 @@ def expected_hf_tensors(hf_config: dict[str, Any]) -> dict[str, tuple[int, ...]]
     return shapes
 
 
+def _tensor_problem(expected: dict[str, tuple[int, ...]], name: str, shape: tuple[int, ...]) -> str | None:
+    if name not in expected:
+        return f"tensor {name!r} {list(shape)} is not in the engine's model"
+    if expected[name] != shape:
+        return f"tensor {name!r} has shape {list(shape)}, the engine's model expects {list(expected[name])}"
+    return None
+
+
 def first_mismatch(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> str | None:
     """A sentence naming the first tensor (in ``got``'s order, then ``expected``'s) whose name or shape differs."""
     for name, shape in got.items():
-        if name not in expected:
-            return f"tensor {name!r} {list(shape)} is not in the engine's model"
-        if expected[name] != shape:
-            return f"tensor {name!r} has shape {list(shape)}, the engine's model expects {list(expected[name])}"
+        problem = _tensor_problem(expected, name, shape)
+        if problem is not None:
+            return problem
     for name, shape in expected.items():
         if name not in got:
             return f"tensor {name!r} {list(shape)} of the engine's model is missing"
@@ -154,10 +161,9 @@ def first_mismatch(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[in
 def _checked(stream: Iterable[tuple[str, torch.Tensor]], expected: dict[str, tuple[int, ...]], seen: set[str]):
     """Pass ``stream`` through, raising ValueError at the first tensor whose name or shape is not expected."""
     for name, tensor in stream:
-        shape = tuple(tensor.shape)
         if name in seen:
             raise ValueError(f"weight push: tensor {name!r} was sent twice")
-        problem = first_mismatch(expected, {name: shape}) if name not in expected or expected[name] != shape else None
+        problem = _tensor_problem(expected, name, tuple(tensor.shape))
         if problem is not None:
             raise ValueError(f"weight push: {problem}")
         seen.add(name)
