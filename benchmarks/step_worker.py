@@ -7,17 +7,24 @@ model math and the reward's math checks:
 
 - the rollout engine is a stand-in that draws ORZ-like response lengths (log-normal, median about
   2,300 tokens, 5 % cut at 8,000: about 25M response tokens per step) and random token ids, and
-  hands them back as the engines do (``Completion`` objects holding Python lists);
+  hands them back in ``Completion`` objects holding numpy arrays (``--engine-output arrays``, an
+  engine that keeps its outputs in arrays) or Python lists (``lists``, as the native and vLLM
+  engines do today);
 - the policy and critic are the real models with their decoder layers removed (embedding, final
   norm and heads of width 2 over a 16-token vocabulary): every micro-batch, forward-only pass,
   loss, backward and optimizer step runs, on outputs of the right shapes ([T, H] hidden states,
   [T] values) at a negligible cost per token;
 - the reward scorer returns the stand-in engine's verdicts (no math checking).
 
-Rank 0 prints one JSON line: per-step wall seconds, the stand-in engine's seconds, the phase
-times the trainer logs, the step's token counts, and each rank's resident set before the first
-step and its peak (``ru_maxrss``). Run it with ``MALLOC_MMAP_THRESHOLD_`` set low so freed
-tensors go back to the OS and the resident set tracks what is live.
+The model math of the stand-ins is timed apart (:class:`ModelMathClock`: the models' forward, the
+log-prob and loss ops, the schedule's backward), so that what remains of a step's wall time is
+the host's: data movement, collectives, packing, GAE and whitening, optimizer steps.
+
+Rank 0 prints one JSON line: per-step wall seconds, the stand-in engine's seconds, the model
+math's seconds, the phase times the trainer logs, the step's token counts, and each rank's
+resident set before the first step and its peak (``ru_maxrss``). Run it with
+``MALLOC_MMAP_THRESHOLD_`` set low so freed tensors go back to the OS and the resident set
+tracks what is live.
 """
 
 from __future__ import annotations
@@ -32,10 +39,13 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.pipeline_parallel import schedules
 
+from orz_fast import ops
 from orz_fast.config import resolve
 from orz_fast.data.loaders import EncodedPrompt, Problem
 from orz_fast.models.checkpoint import model_from_config
+from orz_fast.ppo import rollout as rollout_module
 from orz_fast.ppo import trainer as trainer_module
 from orz_fast.rollout import Completion
 
@@ -85,13 +95,16 @@ class StandInTokenizer:
 class StandInEngine:
     """Generates ORZ-like completions without a model: lengths and tokens from each request's seed."""
 
+    output = "arrays"
+
     def __init__(self, *args, **kwargs) -> None:
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.response_tokens = 0
         self.prompt_tokens = 0
 
     def generate(self, prompts, params):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = []
         for prompt, p in zip(prompts, params, strict=True):
             rng = np.random.default_rng(p.seed)
@@ -101,12 +114,13 @@ class StandInEngine:
             correct = rng.random(p.n) < 0.5
             ends = np.cumsum(lengths)
             completions = []
+            as_lists = self.output == "lists"
             for j in range(p.n):
                 lo, hi = int(ends[j] - lengths[j]), int(ends[j])
                 completions.append(
                     Completion(
-                        token_ids=tokens[lo:hi].tolist(),
-                        logprobs=logprobs[lo:hi].tolist(),
+                        token_ids=tokens[lo:hi].tolist() if as_lists else tokens[lo:hi],
+                        logprobs=logprobs[lo:hi].tolist() if as_lists else logprobs[lo:hi],
                         finish_reason="length" if lengths[j] == p.max_tokens else "stop",
                         text="1" if correct[j] else "0",
                     )
@@ -115,6 +129,7 @@ class StandInEngine:
             self.response_tokens += int(lengths.sum())
             self.prompt_tokens += len(prompt) * p.n
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         return out
 
 
@@ -132,11 +147,37 @@ class StandInScorer:
         pass
 
 
+class ModelMathClock:
+    """Wall and CPU seconds spent in model math: the models' forward, the log-prob and loss ops, and backward."""
+
+    seconds = 0.0
+    cpu_seconds = 0.0
+
+    @classmethod
+    def timed(cls, fn):
+        def wrapper(*args, **kwargs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - t0
+                cls.cpu_seconds += time.process_time() - c0
+
+        return wrapper
+
+    @classmethod
+    def install(cls) -> None:
+        for name in ("linear_ppo_loss", "linear_logprobs", "ppo_policy_loss", "ppo_value_loss"):
+            setattr(ops, name, cls.timed(getattr(ops, name)))
+        schedules.backward_step = cls.timed(schedules.backward_step)
+
+
 def stand_in_model(model_cfg, *, role="policy", device=None, seed=0):
     """The real policy / critic with its decoder layers removed: embedding -> final norm -> head."""
     model = model_from_config(model_cfg, role=role, device=device, seed=seed)
     model.layers = torch.nn.ModuleList()
     model.layer_ids = range(0)
+    model.forward = ModelMathClock.timed(model.forward)
     return model
 
 
@@ -159,6 +200,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of ORZ's 128 prompts per step")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--engine-output", choices=["arrays", "lists"], default="arrays")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -179,26 +221,39 @@ def main() -> None:
             "ckpt.every=0",
         ],
     )
+    StandInEngine.output = args.engine_output
+    ModelMathClock.install()
     trainer_module.model_from_config = stand_in_model
-    trainer_module.NativeEngine = StandInEngine
-    trainer_module.RewardScorer = StandInScorer
     trainer_module.load_tokenizer = lambda path: StandInTokenizer()
+    rollout_module.NativeEngine = StandInEngine
+    rollout_module.RewardScorer = StandInScorer
 
     trainer = trainer_module.Trainer(cfg, args.out)
-    trainer.prompts = synthetic_prompts(cfg.data.max_prompt_tokens)
-    trainer.sampler = trainer_module.PromptSampler(len(trainer.prompts), cfg.train.seed)
-    engine = trainer.engine
+    rollouts = trainer.rollouts
+    rollouts.prompts = synthetic_prompts(cfg.data.max_prompt_tokens)
+    rollouts.sampler = trainer_module.PromptSampler(len(rollouts.prompts), cfg.train.seed)
+    engine = rollouts.engine
 
     baseline = resident_bytes()
     steps = []
     for _ in range(args.steps):
-        engine_before = engine.seconds
-        t0 = time.perf_counter()
+        before = (engine.seconds, engine.cpu_seconds, ModelMathClock.seconds, ModelMathClock.cpu_seconds)
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = trainer.train_step()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         trainer.step += 1
         phases = {k: v for k, v in metrics.items() if k.startswith("time_")}
-        steps.append({"wall_s": wall, "engine_stand_in_s": engine.seconds - engine_before, **phases})
+        steps.append(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "engine_stand_in_s": engine.seconds - before[0],
+                "engine_stand_in_cpu_s": engine.cpu_seconds - before[1],
+                "model_math_s": ModelMathClock.seconds - before[2],
+                "model_math_cpu_s": ModelMathClock.cpu_seconds - before[3],
+                **phases,
+            }
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     counts = torch.tensor([engine.response_tokens, engine.prompt_tokens], dtype=torch.float64)
@@ -207,6 +262,7 @@ def main() -> None:
     dist.all_gather_object(per_rank, {"baseline_rss": baseline, "peak_rss": peak, "steps": steps})
     if dist.get_rank() == 0:
         result = {
+            "engine_output": args.engine_output,
             "world_size": dist.get_world_size(),
             "prompts_per_step": prompts_per_step,
             "samples_per_step": prompts_per_step * 64,
