@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,3 +302,22 @@ def test_grpo_variant_runs_without_critic(tmp_path):
     run(train_cmd(tmp_path, "train.steps=2", "ppo.advantage=grpo"))
     records = read_metrics(Path(tmp_path) / "metrics.jsonl")
     assert len(records) == 2 and "value_loss" not in records[0]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nan", r"has score nan \(not a finite number\)"),
+        ("long", r"has 11 response tokens, more than rollout.max_tokens=8"),
+    ],
+)
+def test_a_bad_sample_on_one_rank_stops_every_rank_with_its_name(tmp_path, case, message):
+    """Rank 1 generates a bad sample: both ranks raise the same error naming it, before any collective hangs."""
+    worker = Path(__file__).with_name("bad_sample_worker.py")
+    cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    run([*cmd, str(worker), str(tmp_path), case], timeout=300)
+    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["error"] == reports[1]["error"]
+    assert re.fullmatch(
+        rf"BadSampleError: sample 1 of prompt 1 \(training-set row \d+\) {message}", reports[0]["error"]
+    )

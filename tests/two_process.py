@@ -29,7 +29,8 @@ def _entry(fn: Callable, rank: int, world: int, port: int, queue, args: tuple) -
 
 def run_two(fn: Callable, *args: Any, timeout: float = 180) -> list[tuple[str, Any]]:
     """``fn(rank, *args)`` on ranks 0 and 1 of a fresh gloo group; returns ``[(status, value), ...]`` by rank,
-    status ``"ok"`` (value: what ``fn`` returned, which must pickle) or ``"error"`` (value: the message)."""
+    status ``"ok"`` (value: what ``fn`` returned, which must pickle by value: numpy arrays and lists, not torch
+    tensors, whose shared memory can vanish with the process) or ``"error"`` (value: the message)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
