@@ -29,11 +29,13 @@ WRAPPED = (
     "all_reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather_object",
     "broadcast",
     "broadcast_object_list",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "all_to_all",
     "all_to_all_single",
     "gather",
@@ -65,7 +67,7 @@ def main() -> None:
     cfg = resolve("tiny", overrides=["logging.progress=false", "reward.workers=1", *args.overrides])
     trainer = Trainer(cfg, Path(args.out) / "run")
     calls: list[str] = []
-    originals = {name: getattr(dist, name) for name in WRAPPED}
+    originals = {name: getattr(dist, name) for name in WRAPPED if hasattr(dist, name)}
 
     def wrap(name, fn):
         def recorded(*a, **k):

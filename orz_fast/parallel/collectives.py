@@ -74,13 +74,13 @@ def all_gather_varlen(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
     target, n = device(group), size(group)
     lengths = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=target)
     gathered = torch.empty(n, dtype=torch.int64, device=target)
-    dist.all_gather_into_tensor(gathered, lengths, group=group)
+    all_gather_into(gathered, lengths, group)
     sizes = gathered.tolist()  # host read: the sizes shape the buffers
     longest = max(sizes)
     padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=target)
     padded[: tensor.shape[0]] = tensor
     out = torch.empty((n * longest, *tensor.shape[1:]), dtype=tensor.dtype, device=target)
-    dist.all_gather_into_tensor(out, padded, group=group)
+    all_gather_into(out, padded, group)
     return [out[r * longest : r * longest + s].to(tensor.device) for r, s in enumerate(sizes)]
 
 
@@ -114,10 +114,12 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group: Group, *, a
     """Sum of every rank's ``input`` [size * k], chunk ``rank`` of it into ``output`` [k]; both must already be
     on the group's device (asynchronous buffers cannot be moved back). Returns a work handle when ``async_op``."""
     _require_on_group_device("reduce_scatter", (output, input), group)
-    return dist.reduce_scatter_tensor(output, input, group=group, async_op=async_op)
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # the newer name where it exists
+    return fn(output, input, group=group, async_op=async_op)
 
 
 def all_gather_into(output: torch.Tensor, input: torch.Tensor, group: Group, *, async_op: bool = False):
     """Every rank's ``input`` [k] into ``output`` [size * k] in rank order; both on the group's device."""
     _require_on_group_device("all_gather_into", (output, input), group)
-    return dist.all_gather_into_tensor(output, input, group=group, async_op=async_op)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(output, input, group=group, async_op=async_op)
