@@ -20,11 +20,10 @@ The model math of the stand-ins is timed apart (:class:`ModelMathClock`: the mod
 log-prob and loss ops, the schedule's backward), so that what remains of a step's wall time is
 the host's: data movement, collectives, packing, GAE and whitening, optimizer steps.
 
-Rank 0 prints one JSON line: per-step wall seconds, the stand-in engine's seconds, the model
-math's seconds, the phase times the trainer logs, the step's token counts, and each rank's
-resident set before the first step and its peak (``ru_maxrss``). Run it with
-``MALLOC_MMAP_THRESHOLD_`` set low so freed tensors go back to the OS and the resident set
-tracks what is live.
+Rank 0 prints one JSON line: per-step wall and CPU seconds, those of the stand-in engine and of
+the model math, the phase times the trainer logs, the step's token counts, and each rank's
+resident set before the first step and its peak (``ru_maxrss``, with glibc's default allocator:
+the memory a run really holds).
 """
 
 from __future__ import annotations

@@ -139,3 +139,20 @@ def test_compute_advantages_sets_the_experience():
     compute_advantages(exp, table, PPOConfig(advantage="grpo"), None)
     torch.testing.assert_close(exp.advantages, grpo_advantages(exp.scores(), table.slot, exp.cu_seqlens()))
     assert exp.returns is None
+
+
+def test_gae_on_cpu_runs_in_whole_response_pieces(monkeypatch):
+    from orz_fast.ppo import advantages
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 9, (40,), generator=gen).tolist()
+    cu = packed(lengths)
+    scores = (torch.rand(40, generator=gen) < 0.5).float()
+    values = torch.randn(sum(lengths), generator=gen)
+    for gamma, lam in ((1.0, 1.0), (0.9, 0.8)):
+        want = gae_advantages(scores, values, cu, gamma=gamma, lam=lam, normalize=False)
+        monkeypatch.setattr(advantages, "CPU_GAE_TOKENS", 10)  # pieces of a few responses, one longer than 10
+        got = gae_advantages(scores, values, cu, gamma=gamma, lam=lam, normalize=False)
+        monkeypatch.undo()
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)

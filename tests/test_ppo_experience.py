@@ -9,7 +9,7 @@ from two_process import run_two
 
 from orz_fast import packing
 from orz_fast.ppo.balance import BadSampleError, balance, check_samples
-from orz_fast.ppo.experience import MicroBatches, SampleTable, from_completions, step_prompts
+from orz_fast.ppo.experience import SampleTable, from_completions, gather_actions, step_prompts
 from orz_fast.rollout import Completion
 
 SAMPLES = 3
@@ -71,8 +71,7 @@ def test_from_completions_packs_every_response(kind):
     )
 
 
-def test_micro_batches_match_a_per_sample_reference(monkeypatch):
-    monkeypatch.setattr(MicroBatches, "GROUP_TOKENS", 20)  # several groups, some of one micro-batch
+def test_micro_batches_match_a_per_sample_reference():
     exp = build([0, 1, 2, 3, 4, 5], 6)
     extra = torch.arange(exp.num_actions, dtype=torch.float32) * 0.5
     mbs = exp.micro_batches(np.arange(len(exp.table))[::-1], 16, {"extra": extra})
@@ -90,7 +89,8 @@ def test_micro_batches_match_a_per_sample_reference(monkeypatch):
             extras += extra[exp.response_offsets[i] : exp.response_offsets[i + 1]].tolist()
         assert b["input_ids"].tolist() == ids and len(ids) <= 16
         assert b["cu_seqlens"].tolist() == cu and b["cu_seqlens"].dtype == torch.int32
-        assert b["action_idx"].tolist() == actions
+        positions = torch.arange(len(ids), dtype=torch.float32)[:, None].expand(-1, 3)  # a stand-in for hidden [T, H]
+        assert gather_actions(positions, b)[:, 0].tolist() == actions
         assert b["targets"].tolist() == targets and b["targets"].dtype == torch.int64
         assert b["extra"].tolist() == extras and bool(b["mask"].all()) and b["mask"].numel() == len(targets)
         seen += bin_.tolist()
@@ -98,17 +98,12 @@ def test_micro_batches_match_a_per_sample_reference(monkeypatch):
     assert "targets" not in next(iter(exp.micro_batches(np.arange(3), 16, {}, targets=False)))
 
 
-def test_actions_round_trip():
+def test_actions_of_samples_in_any_order():
     exp = build([1, 3], 4)
     rows = np.array([4, 0, 2])
-    values = exp.actions_of(exp.logprobs * 2, rows)
-    out = torch.zeros(exp.num_actions)
-    exp.put_actions(out, rows, values)
-    mask = torch.zeros(exp.num_actions, dtype=torch.bool)
-    for i in rows:
-        mask[exp.response_offsets[i] : exp.response_offsets[i + 1]] = True
-    torch.testing.assert_close(out[mask], exp.logprobs[mask] * 2)
-    assert bool((out[~mask] == 0).all())
+    want = torch.cat([exp.logprobs[exp.response_offsets[i] : exp.response_offsets[i + 1]] for i in rows])
+    torch.testing.assert_close(exp.actions_of(exp.logprobs, rows), want)
+    assert [v.tolist() for v in exp.per_sample(exp.response_ids)] == [exp.response(i).tolist() for i in range(6)]
 
 
 def test_sample_table_round_trips_through_one_tensor():

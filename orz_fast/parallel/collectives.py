@@ -85,19 +85,30 @@ def all_gather_varlen(tensor: torch.Tensor, group: Group) -> list[torch.Tensor]:
 
 
 def all_to_all_varlen(
-    tensor: torch.Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], group: Group
+    tensor: torch.Tensor,
+    send_counts: Sequence[int],
+    recv_counts: Sequence[int],
+    group: Group,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows ``tensor[sum(send_counts[:r]) : ...]`` go to rank ``r``; returns the rows received, in rank order.
+    """Rows ``tensor[sum(send_counts[:r]) : ...]`` go to rank ``r``; returns the rows received, in rank order
+    (written into ``out`` when given: [sum(recv_counts), ...], contiguous, on ``tensor``'s device).
 
     Both count lists are known to the caller (they come from sizes every rank has), so this is one collective.
     """
     if size(group) == 1:
-        return tensor
+        return tensor if out is None else out.copy_(tensor)
     target = device(group)
     buf = _on(tensor.contiguous(), target)
-    out = torch.empty((sum(recv_counts), *tensor.shape[1:]), dtype=tensor.dtype, device=target)
-    dist.all_to_all_single(out, buf, list(recv_counts), list(send_counts), group=group)
-    return out if out.device == tensor.device else out.to(tensor.device)
+    shape = (sum(recv_counts), *tensor.shape[1:])
+    received = (
+        out if out is not None and out.device == target else torch.empty(shape, dtype=tensor.dtype, device=target)
+    )
+    dist.all_to_all_single(received, buf, list(recv_counts), list(send_counts), group=group)
+    if out is not None:
+        return received if received is out else out.copy_(received)
+    return received if received.device == tensor.device else received.to(tensor.device)
 
 
 def _require_on_group_device(name: str, tensors: Sequence[torch.Tensor], group: Group) -> None:

@@ -37,16 +37,21 @@ def terminal_rewards(scores: torch.Tensor, cu_seqlens: torch.Tensor, num_tokens:
     return rewards
 
 
-def whiten(advantages: torch.Tensor, group: collectives.Group = None, eps: float = 1e-8) -> torch.Tensor:
-    """``(A - mean) / (std + eps)`` with mean and (biased) std over the tokens of every rank of ``group``."""
-    a = advantages.double()
-    count = torch.tensor(float(a.numel()), dtype=torch.float64, device=a.device)
-    moments = collectives.all_reduce(torch.stack([count, a.sum(), torch.dot(a, a)]), group)
-    del a
-    count, total, squares = moments.unbind()
+def whiten(
+    advantages: torch.Tensor, group: collectives.Group = None, eps: float = 1e-8, *, inplace: bool = False
+) -> torch.Tensor:
+    """``(A - mean) / (std + eps)`` with mean and (biased) std over the tokens of every rank of ``group``
+    (in float64, one all-reduce of three numbers); ``inplace`` overwrites ``advantages``."""
+    total = advantages.sum(dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64, device=advantages.device)
+    for part in advantages.split(1 << 20):  # float64 squares a slice at a time: no [T] float64 copy
+        squares += part.double().square().sum()
+    count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
+    count, total, squares = collectives.all_reduce(torch.stack([count, total, squares]), group).unbind()
     mean = total / count
     std = (squares / count - mean * mean).clamp(min=0.0).sqrt()
-    return (advantages - mean.to(advantages.dtype)).div_((std + eps).to(advantages.dtype))
+    out = advantages if inplace else advantages.clone()
+    return out.sub_(mean.to(out.dtype)).div_((std + eps).to(out.dtype))
 
 
 def gae_advantages(
@@ -68,8 +73,32 @@ def gae_advantages(
         (advantages [T], returns [T]); returns are the critic's targets and are not whitened.
     """
     rewards = terminal_rewards(scores, cu_seqlens, values.numel())
-    advantages, returns = ops.gae(rewards, values.float(), cu_seqlens, gamma, lam)
-    return (whiten(advantages, group) if normalize else advantages), returns
+    advantages, returns = _gae(rewards, values.float(), cu_seqlens, gamma, lam)
+    return (whiten(advantages, group, inplace=True) if normalize else advantages), returns
+
+
+CPU_GAE_TOKENS = 1 << 20
+"""Tokens per ``ops.gae`` call on CPU tensors (whole responses: segments are independent)."""
+
+
+def _gae(
+    rewards: torch.Tensor, values: torch.Tensor, cu_seqlens: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.gae`` over all responses: one call (one kernel launch) on an accelerator; on CPU tensors, runs of
+    whole responses of about :data:`CPU_GAE_TOKENS` tokens, so that the torch path's [T]-sized float64
+    temporaries stay cache-sized (5-9x faster at 12M tokens, and each run's prefix sums are shorter)."""
+    if rewards.device.type != "cpu" or rewards.numel() <= CPU_GAE_TOKENS:
+        return ops.gae(rewards, values, cu_seqlens, gamma, lam)
+    cu = cu_seqlens.numpy()
+    advantages, returns = torch.empty_like(values), torch.empty_like(values)
+    first, n = 0, len(cu) - 1
+    while first < n:
+        last = min(max(int(np.searchsorted(cu, cu[first] + CPU_GAE_TOKENS, side="right")) - 1, first + 1), n)
+        lo, hi = int(cu[first]), int(cu[last])
+        a, r = ops.gae(rewards[lo:hi], values[lo:hi], cu_seqlens[first : last + 1] - lo, gamma, lam)
+        advantages[lo:hi], returns[lo:hi] = a, r
+        first = last
+    return advantages, returns
 
 
 def grpo_advantages(

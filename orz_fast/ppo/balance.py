@@ -103,9 +103,12 @@ def balance(
     send_counts = [int(step.response_len[r].sum()) for r in sends]
     recv_counts = [int(step.response_len[r].sum()) for r in receives]
     order = np.concatenate(sends) - first_row[me]
-    ids = collectives.all_to_all_varlen(local.actions_of(local.response_ids, order), send_counts, recv_counts, group)
-    logprobs = collectives.all_to_all_varlen(local.actions_of(local.logprobs, order), send_counts, recv_counts, group)
-    prompts = local.tokens[: local.num_prompt_tokens]
+    p = local.num_prompt_tokens
+    tokens = torch.empty(p + sum(recv_counts), dtype=local.tokens.dtype, device=local.device)
+    tokens[:p] = local.tokens[:p]
+    sent = local.actions_of(local.response_ids, order)
+    collectives.all_to_all_varlen(sent, send_counts, recv_counts, group, out=tokens[p:])
+    sent = local.actions_of(local.logprobs, order)
+    logprobs = collectives.all_to_all_varlen(sent, send_counts, recv_counts, group)
     mine = step.take(np.concatenate(receives))
-    exp = Experience(mine, torch.cat([prompts, ids]), local.prompt_offsets, logprobs, prompt_rows=local.prompt_rows)
-    return exp, step
+    return Experience(mine, tokens, local.prompt_offsets, logprobs, prompt_rows=local.prompt_rows), step

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
 
 from orz_fast import packing
+
+PerAction = torch.Tensor | tuple[torch.Tensor, ...]
+"""A per-token [A] tensor, or its per-sample views (:meth:`Experience.per_sample`)."""
 
 
 @dataclass
@@ -149,93 +153,62 @@ class Experience:
         """Sample ``i``'s response tokens."""
         return self.response_ids[self.response_offsets[i] : self.response_offsets[i + 1]]
 
+    def per_sample(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of a per-token [A] ``tensor`` (e.g. ``response_ids``), one per sample (a single split)."""
+        return tensor.split(self.table.response_len.tolist())
+
+    @cached_property
+    def token_views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per prompt slot its tokens, per sample its response but the last token (a model input), and per sample
+        its response: views made once (splitting costs a tensor object per piece)."""
+        table = self.table
+        prompts = self.tokens[: self.num_prompt_tokens].split(np.diff(self.prompt_offsets).tolist())
+        ends = np.stack([table.response_len - 1, np.ones_like(table.response_len)], 1).reshape(-1)
+        return prompts, self.response_ids.split(ends.tolist())[0::2], self.per_sample(self.response_ids)
+
     def actions_of(self, tensor: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """The slices of a per-token [A] ``tensor`` (or of ``response_ids``) belonging to samples ``rows``, end
-        to end in that order."""
-        starts, lengths = self.response_offsets[rows].tolist(), self.table.response_len[rows].tolist()
-        return torch.cat([tensor[s : s + n] for s, n in zip(starts, lengths, strict=True)] or [tensor[:0]])
+        """The parts of a per-token [A] ``tensor`` belonging to samples ``rows``, end to end in that order."""
+        views = self.per_sample(tensor)
+        return torch.cat([views[i] for i in rows.tolist()] or [tensor[:0]])
 
-    def put_actions(self, out: torch.Tensor, rows: np.ndarray, values: torch.Tensor) -> None:
-        """Write ``values`` (samples ``rows``' response tokens end to end) into their places in the [A] ``out``."""
-        starts, lengths = self.response_offsets[rows].tolist(), self.table.response_len[rows].tolist()
-        at = 0
-        for s, n in zip(starts, lengths, strict=True):
-            out[s : s + n] = values[at : at + n]
-            at += n
-
-    def micro_batch(self, indices: np.ndarray, per_action: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Samples ``indices`` packed into one model input (see :meth:`micro_batch_group`)."""
-        return self.micro_batch_group([np.asarray(indices, dtype=np.int64)], per_action)[0]
-
-    def micro_batch_group(
-        self, bins: list[np.ndarray], per_action: dict[str, torch.Tensor], *, targets: bool = True
-    ) -> list[dict[str, Any]]:
-        """Micro-batches of samples ``bins[i]``, built together (one gather per tensor for the whole group).
-
-        Args:
-            per_action: [A] tensors of this experience (old log-probs, advantages, ...), sliced to each
-                micro-batch's actions under the same keys.
-        Returns:
-            Per bin: ``input_ids`` int32 [T], ``cu_seqlens`` int32 [n+1], ``action_idx`` int64 [A_mb] (positions
-            in the input predicting each response token), ``targets`` int64 [A_mb] (unless ``targets=False``: a
-            value head needs none), ``mask`` [A_mb] (all true), ``samples`` (the bin's indices, host) and the
-            ``per_action`` slices.
-        """
-        idx = np.concatenate(bins)
-        first = np.cumsum([0] + [len(b) for b in bins[:-1]])
-        pl, rl = self.table.prompt_len[idx], self.table.response_len[idx]
-        ni = pl + rl - 1
-        starts = _offsets(ni)[:-1]
-        in_mb = starts - np.repeat(starts[first], [len(b) for b in bins])  # each sample's start in its micro-batch
-        # Each sample's input: its prompt (from the step's prompts), then its response but the last token.
-        pieces, responses = [], self.response_ids
-        prompt_starts = self.prompt_offsets[self.table.slot[idx]].tolist()
-        response_starts = self.response_offsets[idx].tolist()
-        for p0, p, r0, r in zip(prompt_starts, pl.tolist(), response_starts, rl.tolist(), strict=True):
-            pieces += (self.tokens[p0 : p0 + p], responses[r0 : r0 + r - 1])
-        tokens_per_mb = np.add.reduceat(ni, first).tolist()
-        actions_per_mb = np.add.reduceat(rl, first).tolist()
-        # Action j of a sample sits at position (its start in the micro-batch) + len(prompt) - 1 + j.
-        shift = in_mb + pl - 1 - _offsets(rl)[:-1]
-        action_idx = _repeat(shift, rl, self.device) + torch.arange(int(rl.sum()), device=self.device)
-        columns = {
-            "input_ids": torch.cat(pieces).split(tokens_per_mb),
-            "action_idx": action_idx.split(actions_per_mb),
-            "mask": torch.ones(int(rl.sum()), dtype=torch.bool, device=self.device).split(actions_per_mb),
-            **{key: self.actions_of(values, idx).split(actions_per_mb) for key, values in per_action.items()},
-        }
-        if targets:
-            columns["targets"] = self.actions_of(responses, idx).long().split(actions_per_mb)
-        batches = []
-        for i, b in enumerate(bins):
-            cu = np.append(in_mb[first[i] : first[i] + len(b)], tokens_per_mb[i])
-            batch = {k: v[i] for k, v in columns.items()}
-            batch |= {"cu_seqlens": torch.as_tensor(cu, dtype=torch.int32, device=self.device), "samples": b}
-            batches.append(batch)
-        return batches
+    def micro_batch(self, indices: np.ndarray, per_action: dict[str, PerAction]) -> dict[str, Any]:
+        """Samples ``indices`` packed into one model input (see :class:`MicroBatches`)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return next(iter(MicroBatches(self, [idx], per_action)))
 
     def micro_batches(
-        self, indices: np.ndarray, max_tokens: int, per_action: dict[str, torch.Tensor], *, targets: bool = True
+        self, indices: np.ndarray, max_tokens: int, per_action: dict[str, PerAction], *, targets: bool = True
     ) -> MicroBatches:
-        """Samples ``indices`` in micro-batches of at most ``max_tokens`` input tokens (first-fit decreasing)."""
+        """Samples ``indices`` in micro-batches of at most ``max_tokens`` input tokens (first-fit decreasing).
+        ``per_action``: [A] tensors, or their :meth:`per_sample` views (split once for many calls)."""
         idx = np.asarray(indices, dtype=np.int64)
         bins = packing.pack_by_token_budget(self.table.num_inputs[idx], max_tokens)
         return MicroBatches(self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets)
 
 
+def gather_actions(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The rows of a micro-batch's model output (hidden states [T, H] or values [T]) that predict its response
+    tokens, end to end in sample order: [A_mb, ...]. Differentiable."""
+    return torch.cat(output.split(batch["action_splits"])[1::2])
+
+
 class MicroBatches:
-    """Micro-batches of an :class:`Experience`, built a group at a time as the schedule asks for them (never the
-    whole step's inputs at once; one gather per tensor for a group of about :attr:`GROUP_TOKENS` tokens).
+    """Micro-batches of an :class:`Experience`, each built when the schedule asks for it (never the whole step's
+    inputs at once), by concatenating per-sample views (one split per tensor for all of them).
+
+    A micro-batch holds ``input_ids`` int32 [T] (each sample's prompt, then its response but the last token),
+    ``cu_seqlens`` int32 [n+1], ``action_splits`` (host: per sample, the input positions before its first
+    action, then its actions; see :func:`gather_actions`), ``targets`` int64 [A_mb] (unless ``targets=False``:
+    a value head needs none), ``mask`` [A_mb] (all true), ``samples`` (its indices, host) and the slices of
+    each ``per_action`` [A] tensor under the same keys.
 
     Attributes:
         bins: the sample indices of each micro-batch.
         max_tokens: the longest micro-batch's input tokens.
     """
 
-    GROUP_TOKENS = 1 << 20
-
     def __init__(
-        self, exp: Experience, bins: list[np.ndarray], per_action: dict[str, torch.Tensor], *, targets: bool = True
+        self, exp: Experience, bins: list[np.ndarray], per_action: dict[str, PerAction], *, targets: bool = True
     ) -> None:
         self.exp, self.bins, self.per_action, self.targets = exp, bins, per_action, targets
         self.tokens = [int(exp.table.num_inputs[b].sum()) for b in bins]
@@ -245,25 +218,24 @@ class MicroBatches:
         return len(self.bins)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        group, size = [], 0
-        for b, n in zip(self.bins, self.tokens, strict=True):
-            group.append(b)
-            size += n
-            if size >= self.GROUP_TOKENS:
-                yield from self.exp.micro_batch_group(group, self.per_action, targets=self.targets)
-                group, size = [], 0
-        if group:
-            yield from self.exp.micro_batch_group(group, self.per_action, targets=self.targets)
-
-
-def _repeat(values: np.ndarray, counts: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``values[i]`` repeated ``counts[i]`` times, int64 on ``device`` (numpy on the host, torch on accelerators)."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.repeat(values, counts))
-    total = int(counts.sum())
-    return torch.repeat_interleave(
-        torch.as_tensor(values, device=device), torch.as_tensor(counts, device=device), output_size=total
-    )
+        exp, table, device = self.exp, self.exp.table, self.exp.device
+        prompts, inputs, responses = exp.token_views
+        per_action = {k: v if isinstance(v, tuple) else exp.per_sample(v) for k, v in self.per_action.items()}
+        slots = table.slot.tolist()
+        for b in self.bins:
+            rows = b.tolist()
+            pl, rl = table.prompt_len[b], table.response_len[b]
+            batch = {
+                "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
+                "cu_seqlens": torch.as_tensor(_offsets(pl + rl - 1), dtype=torch.int32, device=device),
+                "action_splits": np.stack([pl - 1, rl], 1).reshape(-1).tolist(),
+                "mask": torch.ones(int(rl.sum()), dtype=torch.bool, device=device),
+                "samples": b,
+                **{k: torch.cat([views[i] for i in rows]) for k, views in per_action.items()},
+            }
+            if self.targets:
+                batch["targets"] = torch.cat([responses[i] for i in rows]).long()
+            yield batch
 
 
 def step_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
@@ -273,13 +245,28 @@ def step_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tupl
     return torch.from_numpy(flat).to(device), _offsets(lengths)
 
 
-def _flat(pieces: Sequence, dtype: np.dtype, torch_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Concatenate per-response sequences (lists, numpy arrays or 1-D tensors) into one tensor on ``device``."""
-    if pieces and all(isinstance(p, torch.Tensor) for p in pieces):
-        return torch.cat([p.to(device=device, dtype=torch_dtype) for p in pieces])
+def _flat_into(out: torch.Tensor, pieces: Sequence) -> None:
+    """Concatenate per-response sequences (lists, numpy arrays or 1-D tensors) into ``out``."""
     if not pieces:
-        return torch.empty(0, dtype=torch_dtype, device=device)
-    return torch.from_numpy(np.concatenate(pieces, dtype=dtype, casting="same_kind")).to(device)
+        return
+    if all(isinstance(p, torch.Tensor) for p in pieces):
+        torch.cat([p.to(device=out.device, dtype=out.dtype) for p in pieces], out=out)
+    elif out.device.type == "cpu":
+        np.concatenate(pieces, out=out.numpy(), casting="same_kind")
+    else:
+        host = torch.empty(out.shape, dtype=out.dtype)
+        np.concatenate(pieces, out=host.numpy(), casting="same_kind")
+        out.copy_(host)
+
+
+def _with_responses(prompt_tokens: torch.Tensor, table: SampleTable, responses: Sequence) -> torch.Tensor:
+    """One int32 buffer: the step's prompts, then every response's tokens."""
+    tokens = torch.empty(
+        prompt_tokens.numel() + int(table.response_len.sum()), dtype=torch.int32, device=prompt_tokens.device
+    )
+    tokens[: prompt_tokens.numel()] = prompt_tokens
+    _flat_into(tokens[prompt_tokens.numel() :], responses)
+    return tokens
 
 
 def from_completions(
@@ -313,11 +300,11 @@ def from_completions(
     )
     if len(table.score) != len(flat):
         raise ValueError(f"got {len(table.score)} scores for {len(flat)} completions")
-    device = prompt_tokens.device
-    ids = _flat([c.token_ids for c in flat], np.int32, torch.int32, device)
-    logprobs = _flat([c.logprobs for c in flat], np.float32, torch.float32, device)
+    tokens = _with_responses(prompt_tokens, table, [c.token_ids for c in flat])
+    logprobs = torch.empty(tokens.numel() - prompt_tokens.numel(), dtype=torch.float32, device=prompt_tokens.device)
+    _flat_into(logprobs, [c.logprobs for c in flat])
     rows = None if prompt_rows is None else np.asarray(prompt_rows, dtype=np.int64)
-    return Experience(table, torch.cat([prompt_tokens, ids]), prompt_offsets, logprobs, prompt_rows=rows)
+    return Experience(table, tokens, prompt_offsets, logprobs, prompt_rows=rows)
 
 
 def from_sequences(
@@ -335,6 +322,6 @@ def from_sequences(
         score=np.zeros(n),
         truncated=np.zeros(n, dtype=bool),
     )
-    ids = _flat(list(responses), np.int32, torch.int32, device)
-    logprobs = torch.zeros(ids.numel(), dtype=torch.float32, device=device)
-    return Experience(table, torch.cat([tokens, ids]), offsets, logprobs)
+    tokens = _with_responses(tokens, table, list(responses))
+    logprobs = torch.zeros(int(table.response_len.sum()), dtype=torch.float32, device=device)
+    return Experience(table, tokens, offsets, logprobs)

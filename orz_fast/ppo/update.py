@@ -18,7 +18,7 @@ import torch
 from orz_fast import ops, parallel
 from orz_fast.config import Config
 from orz_fast.parallel import collectives
-from orz_fast.ppo.experience import Experience
+from orz_fast.ppo.experience import Experience, gather_actions
 from orz_fast.ppo.optim import ShardedAdamW
 
 POLICY_STATS = ("policy_loss_sum", "clipfrac_sum", "approx_kl_sum", "entropy_sum", "tokens")
@@ -59,10 +59,13 @@ class Updater:
         """``fn(output, batch)`` -> [A_mb] per micro-batch, forward only, in this experience's order: float32 [A].
         ``targets``: the batches carry the response tokens (a value head needs none)."""
         out = torch.zeros(exp.num_actions, dtype=torch.float32, device=exp.device)
+        out_views = exp.per_sample(out)
         mbs = exp.micro_batches(np.arange(len(exp.table)), self.cfg.ppo.micro_batch_tokens, {}, targets=targets)
 
         def into_out(output, b):
-            exp.put_actions(out, b["samples"], fn(output, b).float())
+            values = fn(output, b).float().split(exp.table.response_len[b["samples"]].tolist())
+            for i, v in zip(b["samples"].tolist(), values, strict=True):
+                out_views[i].copy_(v)
 
         if len(mbs):
             model.eval()
@@ -75,14 +78,14 @@ class Updater:
 
     def critic_values(self, exp: Experience) -> torch.Tensor:
         """Critic values at every action: float32 [A]."""
-        return self.per_action_forward(self.critic, exp, lambda v, b: v[b["action_idx"]], targets=False)
+        return self.per_action_forward(self.critic, exp, gather_actions, targets=False)
 
     def recompute_logprobs(self, exp: Experience) -> torch.Tensor:
         """Current-policy log-probs at every action: float32 [A]."""
 
         def logp_fn(hidden, b):
             return ops.linear_logprobs(
-                hidden[b["action_idx"]],
+                gather_actions(hidden, b),
                 self.policy.output_weight,
                 b["targets"],
                 temperature=self.temperature,
@@ -99,7 +102,7 @@ class Updater:
         p = self.cfg.ppo
 
         def loss_fn(hidden: torch.Tensor, b: dict[str, torch.Tensor]):
-            h = hidden[b["action_idx"]]
+            h = gather_actions(hidden, b)
             weight = self.policy.output_weight
             if p.fused_loss:
                 loss, stats = ops.linear_ppo_loss(
@@ -146,9 +149,9 @@ class Updater:
 
         def loss_fn(values: torch.Tensor, b: dict[str, torch.Tensor]):
             loss, stats = ops.ppo_value_loss(
-                values[b["action_idx"]], b["old_values"], b["returns"], b["mask"], clip=clip
+                gather_actions(values, b), b["old_values"], b["returns"], b["mask"], clip=clip
             )
-            n = b["action_idx"].numel()
+            n = b["mask"].numel()
             keys = ("returns_sum", "returns_sq_sum", "error_sum", "error_sq_sum")
             return loss * (n * scale), {
                 "value_loss_sum": loss.detach() * n,
@@ -191,6 +194,7 @@ class Updater:
         targets: bool,
     ) -> tuple[dict[str, float], float, float]:
         """One optimizer step per mini-batch; returns (stats summed over the step's tokens, mean grad norm, skipped)."""
+        views = {k: exp.per_sample(v) for k, v in per_action.items()}  # split once for all mini-batches
         tokens = [float(exp.table.response_len[c].sum()) for c in chunks]
         totals_per_chunk = collectives.all_reduce(
             torch.tensor(tokens, dtype=torch.float64, device=exp.device), self.dp_group
@@ -200,7 +204,7 @@ class Updater:
         norms, skipped = [], 0
         for chunk, total in zip(chunks, totals_per_chunk, strict=True):
             if len(chunk):
-                mbs = exp.micro_batches(chunk, self.cfg.ppo.micro_batch_tokens, per_action, targets=targets)
+                mbs = exp.micro_batches(chunk, self.cfg.ppo.micro_batch_tokens, views, targets=targets)
                 # forward_backward divides by the micro-batch count and the optimizer's data-parallel mean by dp:
                 # undo both so the gradient is the token mean over the mini-batch on all ranks.
                 stats = parallel.forward_backward(

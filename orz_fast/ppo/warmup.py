@@ -16,7 +16,7 @@ import torch
 
 from orz_fast import ops, parallel
 from orz_fast.data import EncodedPrompt
-from orz_fast.ppo.experience import from_sequences
+from orz_fast.ppo.experience import from_sequences, gather_actions
 from orz_fast.ppo.optim import ShardedAdamW
 
 
@@ -62,7 +62,7 @@ def format_warmup(
         scale = len(mbs) / exp.num_actions
 
         def loss_fn(hidden, b, scale=scale):
-            logp = ops.linear_logprobs(hidden[b["action_idx"]], policy.output_weight, b["targets"], tp_group=tp_group)
+            logp = ops.linear_logprobs(gather_actions(hidden, b), policy.output_weight, b["targets"], tp_group=tp_group)
             nll = -logp.sum()
             return nll * scale, {"nll": nll.detach()}
 
