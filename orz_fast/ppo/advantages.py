@@ -44,8 +44,9 @@ def whiten(
     (in float64, one all-reduce of three numbers); ``inplace`` overwrites ``advantages``."""
     total = advantages.sum(dtype=torch.float64)
     squares = torch.zeros((), dtype=torch.float64, device=advantages.device)
-    for part in advantages.split(1 << 20):  # float64 squares a slice at a time: no [T] float64 copy
-        squares += part.double().square().sum()
+    for part in advantages.split(1 << 20):  # float64 a slice at a time: no [T] float64 copy
+        part = part.double()
+        squares += torch.dot(part, part)
     count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
     count, total, squares = collectives.all_reduce(torch.stack([count, total, squares]), group).unbind()
     mean = total / count
