@@ -16,9 +16,9 @@ tokens, so only responses travel between ranks. This rank's part of the step is 
 
 Training feeds ``prompt + response[:-1]`` (the last response token is never an input), so the
 action for response token ``j`` is predicted by the hidden state at position
-``len(prompt) - 1 + j``; :meth:`Experience.micro_batch` packs any subset of samples into one
-such input with the matching ``action_idx``, ``targets`` and per-token slices, by index
-arithmetic on the device (no per-token Python).
+``len(prompt) - 1 + j``. :class:`MicroBatches` packs any subset of samples into such inputs,
+with the matching ``targets`` and per-token slices, by concatenating per-sample views on the
+device (no per-token Python); :func:`gather_actions` picks the action rows of a model output.
 """
 
 from __future__ import annotations
@@ -170,11 +170,6 @@ class Experience:
         """The parts of a per-token [A] ``tensor`` belonging to samples ``rows``, end to end in that order."""
         views = self.per_sample(tensor)
         return torch.cat([views[i] for i in rows.tolist()] or [tensor[:0]])
-
-    def micro_batch(self, indices: np.ndarray, per_action: dict[str, PerAction]) -> dict[str, Any]:
-        """Samples ``indices`` packed into one model input (see :class:`MicroBatches`)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return next(iter(MicroBatches(self, [idx], per_action)))
 
     def micro_batches(
         self, indices: np.ndarray, max_tokens: int, per_action: dict[str, PerAction], *, targets: bool = True
