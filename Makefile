@@ -44,8 +44,9 @@ $(FW_STAMP): $(SOURCES) Makefile
 	$(FW_PY) -m pip install --no-deps "openrlhf==$(OPENRLHF_VERSION)"
 	touch $(FW_STAMP)
 
+# ORZ_FAST_REQUIRE_FRAMEWORKS: a framework that fails to import is an error here, not skipped tests
 test-frameworks: $(FW_STAMP)
-	$(FW_PY) -m pytest $(FRAMEWORK_TESTS)
+	ORZ_FAST_REQUIRE_FRAMEWORKS=1 $(FW_PY) -m pytest $(FRAMEWORK_TESTS)
 
 # The CPU demo starts over in runs/demo: about 4 minutes on 2 cores after the install.
 demo: install

@@ -4,13 +4,15 @@ dtype, and the reference (or OpenRLHF) in float64.
 
 The reference tests always run. The tests against OpenRLHF itself run where ``openrlhf.models.loss``
 imports: ``make test-frameworks`` (CI) installs the tested OpenRLHF (without its dependencies, which
-need CUDA) and deepspeed into ``.venv-frameworks`` and runs this file there; elsewhere they skip,
-naming the import error.
+need CUDA) and deepspeed into ``.venv-frameworks`` and runs this file there, with
+``ORZ_FAST_REQUIRE_FRAMEWORKS=1`` so that an OpenRLHF that fails to import is an error, not skips;
+elsewhere they skip, naming the import error.
 """
 
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
@@ -63,6 +65,11 @@ def _import_openrlhf_loss():
 
 
 OPENRLHF_LOSS, OPENRLHF_IMPORT_ERROR = _import_openrlhf_loss()
+if OPENRLHF_LOSS is None and os.environ.get("ORZ_FAST_REQUIRE_FRAMEWORKS"):
+    raise RuntimeError(
+        f"ORZ_FAST_REQUIRE_FRAMEWORKS is set (make test-frameworks) but openrlhf.models.loss does not import: "
+        f"{OPENRLHF_IMPORT_ERROR}"
+    )
 needs_openrlhf = pytest.mark.skipif(
     OPENRLHF_LOSS is None,
     reason=f"openrlhf.models.loss cannot be imported here ({OPENRLHF_IMPORT_ERROR}); `make test-frameworks` "

@@ -3,7 +3,8 @@ semantics, by the three-run rule: the adapter, the reference (or veRL) in the in
 reference (or veRL) in float64.
 
 The reference tests always run. The tests against veRL itself run where veRL imports: ``make
-test-frameworks`` (CI) installs the tested veRL into ``.venv-frameworks`` and runs this file there;
+test-frameworks`` (CI) installs the tested veRL into ``.venv-frameworks`` and runs this file there,
+with ``ORZ_FAST_REQUIRE_FRAMEWORKS=1`` so that a veRL that fails to import is an error, not skips;
 elsewhere they skip, naming the import error. The plugin path (``VERL_USE_EXTERNAL_MODULES``) runs in
 a subprocess, so that registering with veRL never changes what the other tests compare against.
 """
@@ -29,6 +30,10 @@ def _import_verl():
 
 
 CORE_ALGOS, VERL_IMPORT_ERROR = _import_verl()
+if CORE_ALGOS is None and os.environ.get("ORZ_FAST_REQUIRE_FRAMEWORKS"):
+    raise RuntimeError(
+        f"ORZ_FAST_REQUIRE_FRAMEWORKS is set (make test-frameworks) but veRL does not import: {VERL_IMPORT_ERROR}"
+    )
 needs_verl = pytest.mark.skipif(
     CORE_ALGOS is None,
     reason=f"veRL cannot be imported here ({VERL_IMPORT_ERROR}); `make test-frameworks` installs it and runs "
