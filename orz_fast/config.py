@@ -56,7 +56,7 @@ class ParallelConfig:
 @dataclass(kw_only=True)
 class RolloutConfig:
     engine: Literal["native", "vllm"] = "native"
-    """Rollout engine: ``native`` shares the policy's tensors; ``vllm`` receives bucketed CUDA-IPC pushes."""
+    """Rollout engine: ``native`` shares the policy's tensors; ``vllm`` receives bucketed weight pushes."""
     prompts_per_step: int = 128
     """Distinct prompts sampled per PPO step."""
     samples_per_prompt: int = 64
@@ -81,7 +81,7 @@ class RolloutConfig:
     """Fixed KV cache bytes per rank, overriding ``kv_cache_fraction`` (for CPU runs, and for runs whose
     rollout must not depend on the memory other processes happen to hold). ``None``: use the fraction."""
     weight_sync_bucket_mb: int = 512
-    """``vllm`` engine: size of one flattened CUDA-IPC weight bucket pushed after each policy update."""
+    """``vllm`` engine: size of one flattened weight bucket pushed after each policy update."""
 
 
 @dataclass(kw_only=True)

@@ -318,13 +318,13 @@ def test_ppo_step_of_a_qwen25_0p5b_shaped_model_with_optimizer_offload(tmp_path)
     optimizers = (trainer.policy_opt, trainer.critic_opt)
     states = lambda: [v for opt in optimizers for st in opt.state.values() for v in st.values()]
     seen = []
-    generate = trainer.engine.generate
+    generate = trainer.rollouts.engine.generate
 
     def watched_generate(*args, **kwargs):
         seen.extend((v.device.type, v.is_pinned()) for v in states())
         return generate(*args, **kwargs)
 
-    trainer.engine.generate = watched_generate
+    trainer.rollouts.engine.generate = watched_generate
     before = trainer.policy.output_weight.detach().float().clone()
     try:
         metrics = trainer.train_step()

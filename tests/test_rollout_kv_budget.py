@@ -53,7 +53,7 @@ def test_trainer_gives_the_engine_the_resolved_bytes(tmp_path):
     overrides = ["logging.progress=false", f"rollout.kv_cache_bytes={block}"]
     trainer = Trainer(resolve("tiny", overrides=overrides), tmp_path / "fixed")
     try:
-        assert trainer.engine.kv_cache_bytes == block
+        assert trainer.rollouts.engine.kv_cache_bytes == block
         # one block of 16 tokens cannot hold a prompt plus 8 new tokens: the budget is the one the engine uses
         with pytest.raises(ValueError, match=f"KV cache budget of {block} bytes holds 1 blocks of 16 tokens"):
             trainer.rollout()
@@ -61,6 +61,6 @@ def test_trainer_gives_the_engine_the_resolved_bytes(tmp_path):
         trainer.scorer.close()
     default = Trainer(resolve("tiny", overrides=["logging.progress=false"]), tmp_path / "default")
     try:
-        assert default.engine.kv_cache_bytes == DEFAULT_CPU_KV_CACHE_BYTES
+        assert default.rollouts.engine.kv_cache_bytes == DEFAULT_CPU_KV_CACHE_BYTES
     finally:
         default.scorer.close()

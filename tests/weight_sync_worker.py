@@ -7,7 +7,7 @@ dtypes and values equal the reference exactly; each rank writes OUT_DIR/report-R
 any mismatch exits non-zero.
 
 It also holds what the single-process tests share: loading named tensors into a transformers
-model, and the receiving end of the two-process CUDA-IPC test.
+model, and the receiving ends of the two-process CUDA-IPC and shared-memory tests.
 """
 
 from __future__ import annotations
@@ -65,6 +65,33 @@ def ipc_receiver(conn, ckpt: str) -> None:
         bad = [k for k in ref if not torch.equal(state[k].cpu(), ref[k])]
         if bad:
             raise AssertionError(f"tensors differ after the IPC push: {bad}")
+        conn.send(("ok", loaded))
+    except Exception as e:  # reported to the test process, which fails with the message
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def shm_receiver(conn, ckpt: str) -> None:
+    """Receiving process of the shared-memory test: load every delivered bucket, ack it, then compare with ``ckpt``.
+
+    Sends back ``("ok", loaded names)`` or ``("error", message)``.
+    """
+    from safetensors.torch import load_file
+
+    from orz_fast.rollout.shm_transport import ShmBucketReceiver
+
+    try:
+        model = zeroed_hf_model(Path(ckpt), "cpu")
+        receiver = ShmBucketReceiver()
+        loaded: list[str] = []
+        while (message := conn.recv()) is not None:
+            loaded += load_into_hf(model, receiver.open(message))
+            conn.send("loaded")
+        receiver.close()
+        ref = load_file(str(Path(ckpt) / "model.safetensors"))
+        state = model.state_dict()
+        bad = [k for k in ref if not torch.equal(state[k], ref[k])]
+        if bad:
+            raise AssertionError(f"tensors differ after the shared-memory push: {bad}")
         conn.send(("ok", loaded))
     except Exception as e:  # reported to the test process, which fails with the message
         conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -6,11 +6,12 @@ Same constructor arguments, ``forward`` signature, return values and reduction a
     from orz_fast.integrations.openrlhf import PolicyLoss, ValueLoss  # instead of openrlhf.models
 
 Supported: PPO clipping with separate low / high epsilons, dual clip, token-level and
-sequence-level reduction of the policy loss, the global-batch arguments (``dp_size``,
-``batch_num_tokens``, ``global_batch_size``), and token-level reduction of the value loss with or
-without value clipping. The constructor raises ``ValueError`` for what ``orz_fast.ops`` does not
-compute (``policy_loss_type="gspo"``, the train / rollout importance-sampling correction,
-sequence-level value loss) rather than computing something else.
+sequence-level reduction (``token_level_loss``) of both losses, the global-batch arguments
+(``dp_size``, ``batch_num_tokens``, ``global_batch_size``), and the value loss with or without
+value clipping. Results come back in the dtypes OpenRLHF returns for the same inputs (computed in
+float32 or wider). The constructor raises ``ValueError``, naming the option and the values
+supported, for what ``orz_fast.ops`` does not compute (``policy_loss_type="gspo"``, the
+train / rollout importance-sampling correction) rather than computing something else.
 """
 
 from __future__ import annotations
@@ -21,11 +22,20 @@ import torch
 import torch.nn as nn
 
 from orz_fast import ops
-from orz_fast.integrations._reduce import check_padded, row_token_counts, token_sum
+from orz_fast.integrations._reduce import check_padded, host_dtype, per_row_weights, row_token_counts, token_sum
 
 _LOG_RATIO_BOUND = 20.0  # OpenRLHF clamps log(pi / pi_old) to [-20, 20] before exponentiating
 
 __all__ = ["PolicyLoss", "ValueLoss"]
+
+
+def _check_choice(owner: str, option: str, value: object, supported: tuple, note: str = "") -> None:
+    """``ValueError`` naming the option and the supported values unless ``value`` is one of them."""
+    if value not in supported:
+        listed = ", ".join(repr(v) for v in supported)
+        raise ValueError(
+            f"{owner}: {option}={value!r} is not supported; supported values: {listed}" + (f" ({note})" if note else "")
+        )
 
 
 def _flat_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -34,6 +44,16 @@ def _flat_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         mask = mask.bool()
     return mask.reshape(-1)
+
+
+def _row_mean_weights(mask: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] weights ``mask / (tokens in the row + 1e-8)``; every token counts when ``mask`` is None."""
+    return per_row_weights(torch.ones_like(like, dtype=torch.bool) if mask is None else mask, dtype)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """OpenRLHF's ``masked_mean`` over all elements (its metrics' dtype and reduction)."""
+    return values.mean() if mask is None else (values * mask).sum() / mask.sum()
 
 
 def _reduce(
@@ -84,18 +104,26 @@ class PolicyLoss(nn.Module):
         is_correction_threshold: list | tuple = (0.5, 5.0),
     ) -> None:
         super().__init__()
-        if policy_loss_type != "ppo":
-            raise ValueError(
-                f"orz_fast PolicyLoss computes policy_loss_type='ppo' only, got {policy_loss_type!r}; "
-                "use openrlhf.models.PolicyLoss for it"
-            )
-        if is_correction_level != "off":
-            raise ValueError(
-                f"orz_fast PolicyLoss has no train/rollout importance-sampling correction, got "
-                f"is_correction_level={is_correction_level!r}; use openrlhf.models.PolicyLoss for it"
-            )
+        _check_choice(
+            "PolicyLoss",
+            "policy_loss_type",
+            policy_loss_type,
+            ("ppo",),
+            "'gspo' is computed by openrlhf.models.PolicyLoss",
+        )
+        _check_choice(
+            "PolicyLoss",
+            "is_correction_level",
+            is_correction_level,
+            ("off",),
+            "the train/rollout importance-sampling correction is computed by openrlhf.models.PolicyLoss",
+        )
+        # OpenRLHF validates these even when the correction is off
+        _check_choice("PolicyLoss", "is_correction_mode", is_correction_mode, ("mask", "clip"))
+        _check_choice("PolicyLoss", "is_correction_gating", is_correction_gating, ("ratio", "binary_kl", "tv"))
         if dual_clip is not None and not dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+            raise ValueError(f"PolicyLoss: dual_clip={dual_clip!r} is not supported; supported values: None or > 1.0")
+        _check_choice("PolicyLoss", "token_level_loss", token_level_loss, (True, False))
         self.clip_eps_low = clip_eps_low
         self.clip_eps_high = clip_eps_high
         self.dual_clip = dual_clip
@@ -140,12 +168,7 @@ class PolicyLoss(nn.Module):
             log_ratio = log_ratio.clamp(min=log_ratio.new_tensor(-_LOG_RATIO_BOUND), max=cap)
         scaled_adv = advantages
         if not self.token_level_loss:
-            counts = (
-                torch.full_like(advantages[..., :1], advantages.shape[-1], dtype=dtype)
-                if action_mask is None
-                else row_token_counts(action_mask, dtype)
-            )
-            scaled_adv = advantages / (counts + 1e-8)
+            scaled_adv = advantages * _row_mean_weights(action_mask, advantages, dtype)
         mask = _flat_mask(action_mask, log_probs)
         loss, stats = ops.ppo_policy_loss(
             log_ratio.reshape(-1),
@@ -165,9 +188,12 @@ class PolicyLoss(nn.Module):
             global_batch_size,
         )
         with torch.no_grad():
-            m = mask.to(raw_log_ratio.dtype)
-            ppo_kl = (-raw_log_ratio.reshape(-1) * m).sum() / m.sum()
-        return loss, stats["clipfrac"], ppo_kl, None, None
+            ppo_kl = _masked_mean(-raw_log_ratio, action_mask)
+        loss_dtype = torch.promote_types(raw_log_ratio.dtype, advantages.dtype)
+        divisor = batch_num_tokens if self.token_level_loss else global_batch_size
+        out_dtype = host_dtype(loss_dtype, action_mask, not self.token_level_loss, divisor)
+        clip_ratio = stats["clipfrac"].to(host_dtype(torch.float32, action_mask, False))
+        return loss.to(out_dtype), clip_ratio, ppo_kl, None, None
 
 
 class ValueLoss(nn.Module):
@@ -175,16 +201,14 @@ class ValueLoss(nn.Module):
 
     ``forward(values, old_values, returns, action_mask=None, dp_size=1, batch_num_tokens=None,
     global_batch_size=None)`` returns ``0.5 * aggregate(max((V_clip - R)^2, (V - R)^2))``, or
-    ``0.5 * aggregate((V - R)^2)`` when ``clip_eps`` is None.
+    ``0.5 * aggregate((V - R)^2)`` when ``clip_eps`` is None; ``aggregate`` is the masked token
+    mean, or with ``token_level_loss=False`` the mean over non-empty rows of each row's token
+    mean (the row weights go into ``ops.ppo_value_loss`` as a float mask).
     """
 
     def __init__(self, clip_eps: float | None = None, token_level_loss: bool = True) -> None:
         super().__init__()
-        if not token_level_loss:
-            raise ValueError(
-                "orz_fast ValueLoss reduces over tokens only (token_level_loss=True); "
-                "use openrlhf.models.ValueLoss for the sequence-level mean"
-            )
+        _check_choice("ValueLoss", "token_level_loss", token_level_loss, (True, False))
         self.clip_eps = clip_eps
         self.token_level_loss = token_level_loss
 
@@ -200,11 +224,24 @@ class ValueLoss(nn.Module):
     ) -> torch.Tensor:
         check_padded("ValueLoss", values=values, old_values=old_values, returns=returns, action_mask=action_mask)
         clip = math.inf if self.clip_eps is None else self.clip_eps
+        loss_dtype = torch.promote_types(values.dtype, returns.dtype)
+        if self.clip_eps is not None:
+            loss_dtype = torch.promote_types(loss_dtype, old_values.dtype)
+        if self.token_level_loss:
+            weights = _flat_mask(action_mask, values)
+        else:
+            weights = _row_mean_weights(action_mask, values, torch.promote_types(loss_dtype, torch.float32)).reshape(-1)
         loss, stats = ops.ppo_value_loss(
-            values.reshape(-1),
-            old_values.reshape(-1),
-            returns.reshape(-1),
-            _flat_mask(action_mask, values),
-            clip=clip,
+            values.reshape(-1), old_values.reshape(-1), returns.reshape(-1), weights, clip=clip
         )
-        return _reduce(token_sum(loss, stats), action_mask, values, True, dp_size, batch_num_tokens, None)
+        loss = _reduce(
+            token_sum(loss, stats),
+            action_mask,
+            values,
+            self.token_level_loss,
+            dp_size,
+            batch_num_tokens,
+            global_batch_size,
+        )
+        divisor = batch_num_tokens if self.token_level_loss else global_batch_size
+        return loss.to(host_dtype(loss_dtype, action_mask, not self.token_level_loss, divisor))

@@ -17,24 +17,42 @@ advantage-estimator path does not pass ``values``), so ``register()`` also rebin
 ``core_algos.compute_gae_advantage_return`` (and the ``"gae"`` registry entry) and the
 ``compute_value_loss`` that veRL's loss module imported, unless ``replace_builtin=False``.
 
+``register()`` also makes veRL's actor config (when it selects ``orz_vanilla``) and critic config
+run ``check_actor_config`` / ``check_critic_config`` when veRL builds them: an option the
+adapter does not compute is a ``ValueError`` naming it and its supported values before the
+first step.
+
+Results come back in the dtypes veRL returns for the same inputs (a bf16 batch gives a bf16
+token-mean loss, the per-sequence modes float32 or wider), computed in float32 or wider.
 ``response_mask`` must be binary (bool, or 0/1 integers or floats), as veRL's recurrence assumes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 
 from orz_fast import ops
-from orz_fast.integrations._reduce import check_padded, row_token_counts, token_sum
+from orz_fast.integrations._reduce import check_padded, host_dtype, per_row_weights, row_token_counts, token_sum
 
 POLICY_LOSS_NAME = "orz_vanilla"
 _LOG_RATIO_BOUND = 20.0  # veRL clamps log(pi / pi_old) to [-20, 20] before exponentiating
+SUPPORTED_LOSS_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "seq-mean-token-mean",
+)
 
 __all__ = [
     "POLICY_LOSS_NAME",
+    "SUPPORTED_LOSS_AGG_MODES",
+    "check_actor_config",
+    "check_critic_config",
     "compute_gae_advantage_return",
     "compute_policy_loss_vanilla",
     "compute_value_loss",
@@ -44,6 +62,21 @@ __all__ = [
 
 def _ops_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool or mask.is_floating_point() else mask.bool()
+
+
+def _check_loss_agg_mode(option: str, loss_agg_mode: Any) -> None:
+    if loss_agg_mode not in SUPPORTED_LOSS_AGG_MODES:
+        raise ValueError(
+            f"{option}={loss_agg_mode!r} is not supported; supported values: {', '.join(SUPPORTED_LOSS_AGG_MODES)}"
+        )
+
+
+def _check_cliprange_value(option: str, cliprange_value: Any) -> None:
+    if not cliprange_value >= 0:
+        raise ValueError(
+            f"{option}={cliprange_value!r} is not supported; the value clip range must be >= 0 (veRL clips to "
+            "[old + c, old - c] for c < 0, an empty range)"
+        )
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,7 +228,17 @@ def _aggregate(
         if loss_agg_mode == "seq-mean-token-sum-norm":
             loss = loss / (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
         return loss
-    raise ValueError(f"{name}: invalid loss_agg_mode {loss_agg_mode!r}")
+    raise ValueError(
+        f"{name}: loss_agg_mode={loss_agg_mode!r} is not supported; supported values: "
+        f"{', '.join(SUPPORTED_LOSS_AGG_MODES)}"
+    )
+
+
+def _divisor(loss_agg_mode: str, batch_num_tokens: Any, global_batch_size: Any) -> Any:
+    """What ``agg_loss`` divides the reduced loss by in ``loss_agg_mode`` (for its result dtype)."""
+    if loss_agg_mode == "token-mean":
+        return batch_num_tokens
+    return None if loss_agg_mode == "token-sum" else global_batch_size
 
 
 def compute_policy_loss_vanilla(
@@ -212,15 +255,14 @@ def compute_policy_loss_vanilla(
     Args:
         old_log_prob, log_prob, advantages: [B, T] float; ``log_prob`` carries the gradient.
         response_mask: [B, T] binary mask of the tokens in the loss.
-        loss_agg_mode: ``"token-mean"``, ``"token-sum"``, ``"seq-mean-token-sum"``,
-            ``"seq-mean-token-sum-norm"`` or ``"seq-mean-token-mean"``.
+        loss_agg_mode: any of ``SUPPORTED_LOSS_AGG_MODES`` (veRL's five).
         config: veRL's actor config (``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``,
             ``clip_ratio_c`` (default 3.0) and ``global_batch_info``).
         rollout_is_weights: optional [B, T] non-negative per-token weights of the loss.
 
     Returns:
-        (loss 0-dim, metrics) with metrics ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
-        ``actor/pg_clipfrac_lower`` as Python floats, as veRL returns them.
+        (loss 0-dim in the dtype veRL returns, metrics) with metrics ``actor/pg_clipfrac``,
+        ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower`` as Python floats, as veRL returns them.
 
     The log-ratio is clamped to [-20, 20] and, where A < 0, to at most ``log(clip_ratio_c)``
     before ``ops.ppo_policy_loss`` sees it: capping the ratio at c for negative advantages is
@@ -244,8 +286,10 @@ def compute_policy_loss_vanilla(
     clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0)
     if not clip_ratio_c > 1.0:
         raise ValueError(
-            f"compute_policy_loss_vanilla: clip_ratio_c must be > 1.0 for dual-clip PPO, got {clip_ratio_c}"
+            f"compute_policy_loss_vanilla: clip_ratio_c={clip_ratio_c} is not supported: dual-clip PPO takes a "
+            "value > 1.0"
         )
+    _check_loss_agg_mode("compute_policy_loss_vanilla: loss_agg_mode", loss_agg_mode)
     batch_info = dict(getattr(config, "global_batch_info", None) or {})
 
     # at least fp32, as ops computes: a bf16 log(clip_ratio_c) would move the dual-clip cap by 0.3%
@@ -257,7 +301,7 @@ def compute_policy_loss_vanilla(
 
     weight = rollout_is_weights
     if loss_agg_mode == "seq-mean-token-mean":
-        row_weight = 1.0 / (row_token_counts(response_mask, dtype) + 1e-8)
+        row_weight = per_row_weights(response_mask, dtype)
         weight = row_weight if weight is None else weight * row_weight
     scaled_adv = advantages if weight is None else advantages * weight
 
@@ -292,7 +336,43 @@ def compute_policy_loss_vanilla(
         "actor/ppo_kl": ppo_kl.item(),
         "actor/pg_clipfrac_lower": pg_clipfrac_lower.item(),
     }
-    return pg_loss, metrics
+    loss_dtype = torch.promote_types(torch.promote_types(log_prob.dtype, old_log_prob.dtype), advantages.dtype)
+    if rollout_is_weights is not None:
+        loss_dtype = torch.promote_types(loss_dtype, rollout_is_weights.dtype)
+    divisor = _divisor(loss_agg_mode, batch_info.get("batch_num_tokens"), batch_info.get("global_batch_size"))
+    return pg_loss.to(host_dtype(loss_dtype, response_mask, loss_agg_mode.startswith("seq-"), divisor)), metrics
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass multiplies the gradient by a per-token factor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(factor)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (factor,) = ctx.saved_tensors
+        return grad * factor.to(grad.dtype), None
+
+
+def _value_clip_tie_factor(
+    values: torch.Tensor, old_values: torch.Tensor, clip: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-token factor from the gradient ``ops.ppo_value_loss`` gives the values to the one veRL's gives.
+
+    veRL clips with ``max(min(V, old + c), old - c)`` and takes ``max((V - R)^2, (V_clip - R)^2)``,
+    and where the two arguments of a min or max are equal autograd gives each half of the gradient.
+    Inside the clip range both squares are equal, so veRL's slope there is ``(1 + s) / 2`` times
+    the unclipped one, ``s`` being the slope of ``V_clip``: 1 inside, 1/2 at a bound ``V`` equals
+    exactly (1/4 when ``c = 0`` puts it on both). ``ops.ppo_value_loss`` gives the unclipped slope
+    there (a clamp), so the factor is 3/4 on exact clip bounds and 1 everywhere else.
+    """
+    with torch.no_grad():
+        v, old = values.to(dtype), old_values.to(dtype)
+        clip_slope = torch.where(v == old + clip, 0.5, 1.0) * torch.where(v == old - clip, 0.5, 1.0)
+        return (0.5 + 0.5 * clip_slope).to(dtype)
 
 
 def compute_value_loss(
@@ -312,24 +392,44 @@ def compute_value_loss(
     Args:
         vpreds: [B, T] float, current values (differentiable); values: [B, T] old values;
         returns: [B, T]; response_mask: [B, T] binary.
-        cliprange_value: clip of ``vpreds`` around ``values``.
-        loss_agg_mode: as veRL's ``agg_loss``, except ``"seq-mean-token-mean"`` (a per-row
-            weight on a squared error cannot be folded into ``ops.ppo_value_loss``'s inputs).
+        cliprange_value: clip of ``vpreds`` around ``values``, >= 0.
+        loss_agg_mode: any of ``SUPPORTED_LOSS_AGG_MODES``, as veRL's ``agg_loss``; the per-row
+            ``1 / tokens`` weight of ``"seq-mean-token-mean"`` goes in as a float mask.
+        dp_size, batch_num_tokens, global_batch_size, loss_scale_factor: veRL's global-batch
+            normalisation.
 
     Returns:
         (vf_loss 0-dim, vf_clipfrac 0-dim tensor): ``0.5 * agg(max((V - R)^2, (V_clip - R)^2))``
-        and the masked fraction of tokens where the clipped error is the larger.
+        and the masked fraction of tokens where the clipped error is the larger, in the dtypes
+        veRL returns. The gradient matches veRL's autograd also where ``V`` is exactly at a clip
+        bound (3/4 of the unclipped slope there), judged in float32 or wider.
     """
     check_padded("compute_value_loss", vpreds=vpreds, returns=returns, values=values, response_mask=response_mask)
-    if loss_agg_mode == "seq-mean-token-mean":
-        raise ValueError(
-            "compute_value_loss: loss_agg_mode 'seq-mean-token-mean' is not supported by the orz_fast backend; "
-            "use 'token-mean', 'token-sum', 'seq-mean-token-sum' or 'seq-mean-token-sum-norm'"
-        )
+    _check_loss_agg_mode("compute_value_loss: loss_agg_mode", loss_agg_mode)
+    _check_cliprange_value("compute_value_loss: cliprange_value", cliprange_value)
+    dtype = torch.promote_types(torch.promote_types(vpreds.dtype, values.dtype), returns.dtype)
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    v = vpreds
+    if vpreds.requires_grad and torch.is_grad_enabled():
+        v = _ScaleGrad.apply(vpreds, _value_clip_tie_factor(vpreds, values, cliprange_value, compute_dtype))
     mask = _ops_mask(response_mask)
+    per_row = loss_agg_mode == "seq-mean-token-mean"
+    weights = per_row_weights(response_mask, compute_dtype) if per_row else mask
     loss, stats = ops.ppo_value_loss(
-        vpreds.reshape(-1), values.reshape(-1), returns.reshape(-1), mask.reshape(-1), clip=cliprange_value
+        v.reshape(-1), values.reshape(-1), returns.reshape(-1), weights.reshape(-1), clip=cliprange_value
     )
+    if per_row:
+        with torch.no_grad():  # veRL's clip fraction counts tokens, not row weights
+            _, token_stats = ops.ppo_value_loss(
+                vpreds.detach().reshape(-1),
+                values.reshape(-1),
+                returns.reshape(-1),
+                mask.reshape(-1),
+                clip=cliprange_value,
+            )
+        clipfrac = token_stats["clipfrac"]
+    else:
+        clipfrac = stats["clipfrac"]
     vf_loss = _aggregate(
         "compute_value_loss",
         token_sum(loss, stats),
@@ -340,7 +440,49 @@ def compute_value_loss(
         global_batch_size=global_batch_size,
         loss_scale_factor=loss_scale_factor,
     )
-    return vf_loss, stats["clipfrac"]
+    divisor = _divisor(loss_agg_mode, batch_num_tokens, global_batch_size)
+    out_dtype = host_dtype(dtype, response_mask, loss_agg_mode.startswith("seq-"), divisor)
+    return vf_loss.to(out_dtype), clipfrac.to(host_dtype(torch.float32, response_mask, False))
+
+
+def check_actor_config(config: Any) -> None:
+    """Raise ``ValueError`` naming the option and its supported values for a veRL actor config
+    (``actor_rollout_ref.actor``) that ``compute_policy_loss_vanilla`` does not compute."""
+    _check_loss_agg_mode("actor_rollout_ref.actor.loss_agg_mode", _config_value(config, "loss_agg_mode", "token-mean"))
+    clip_ratio_c = _config_value(config, "clip_ratio_c", 3.0)
+    if not clip_ratio_c > 1.0:
+        raise ValueError(
+            f"actor_rollout_ref.actor.clip_ratio_c={clip_ratio_c} is not supported: dual-clip PPO takes a value > 1.0"
+        )
+
+
+def check_critic_config(config: Any) -> None:
+    """Raise ``ValueError`` naming the option and its supported values for a veRL critic config
+    (``critic``) that ``compute_value_loss`` does not compute."""
+    _check_loss_agg_mode("critic.loss_agg_mode", _config_value(config, "loss_agg_mode", "token-mean"))
+    _check_cliprange_value("critic.cliprange_value", _config_value(config, "cliprange_value", 0.5))
+
+
+def _check_when_built(config_class: type, check: Any) -> None:
+    """Run ``check(config)`` first in ``config_class.__post_init__`` (which veRL's strategy-specific
+    subclasses call), so a config the adapter cannot compute fails where veRL builds it."""
+    original = config_class.__post_init__
+    if getattr(original, "_orz_fast_check", None) is check:
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self):
+        check(self)
+        original(self)
+
+    __post_init__._orz_fast_check = check
+    config_class.__post_init__ = __post_init__
+
+
+def _check_actor_config_if_selected(config: Any) -> None:
+    policy_loss = _config_value(config, "policy_loss", None)
+    if policy_loss is not None and _config_value(policy_loss, "loss_mode", None) == POLICY_LOSS_NAME:
+        check_actor_config(config)
 
 
 def register(*, replace_builtin: bool = True) -> None:
@@ -350,10 +492,17 @@ def register(*, replace_builtin: bool = True) -> None:
     (select it with ``actor_rollout_ref.actor.policy_loss.loss_mode=orz_vanilla``). With
     ``replace_builtin``, also makes veRL's ``adv_estimator=gae`` and its critic's value loss
     use the orz_fast versions, by rebinding the names veRL's trainer calls them by.
+
+    veRL's ``ActorConfig`` (when it selects ``orz_vanilla``) and, with ``replace_builtin``, its
+    ``CriticConfig`` then run ``check_actor_config`` / ``check_critic_config`` when they are
+    built, so an unsupported option fails there rather than at the first training step.
+    Calling ``register`` again changes nothing.
     """
     from verl.trainer.ppo import core_algos
+    from verl.workers.config import ActorConfig, CriticConfig
 
     core_algos.register_policy_loss(POLICY_LOSS_NAME)(compute_policy_loss_vanilla)
+    _check_when_built(ActorConfig, _check_actor_config_if_selected)
     if not replace_builtin:
         return
     from verl.workers.utils import losses
@@ -362,3 +511,4 @@ def register(*, replace_builtin: bool = True) -> None:
     core_algos.ADV_ESTIMATOR_REGISTRY[core_algos.AdvantageEstimator.GAE.value] = compute_gae_advantage_return
     core_algos.compute_value_loss = compute_value_loss
     losses.compute_value_loss = compute_value_loss
+    _check_when_built(CriticConfig, check_critic_config)

@@ -1,6 +1,8 @@
-"""Process groups (megatron-core ``parallel_state``) and the pipeline-parallel training step."""
+"""Process groups (megatron-core ``parallel_state``), device-correct collectives and the pipeline-parallel
+training step."""
 
-from orz_fast.parallel.pipeline import finalize_model_grads, forward_backward
+from orz_fast.parallel import collectives
+from orz_fast.parallel.pipeline import finalize_model_grads, forward_backward, tied_embedding_copy
 from orz_fast.parallel.state import (
     destroy,
     dp_group,
@@ -22,6 +24,7 @@ from orz_fast.parallel.state import (
 )
 
 __all__ = [
+    "collectives",
     "destroy",
     "dp_group",
     "dp_rank",
@@ -40,5 +43,6 @@ __all__ = [
     "stage_rank",
     "tp_group",
     "tp_rank",
+    "tied_embedding_copy",
     "tp_size",
 ]

@@ -9,27 +9,49 @@ accumulates gradients over them. On CPU the schedule runs under
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from orz_fast.parallel import collectives
 from orz_fast.parallel.cpu_compat import cpu_pipeline_compat
+
+
+class GradSync(Protocol):
+    """What overlaps the data-parallel gradient reduction with backward (``ShardedAdamW``)."""
+
+    def overlap_grad_reduce(self) -> contextlib.AbstractContextManager: ...
+
+    def no_sync(self) -> contextlib.AbstractContextManager: ...
+
 
 MicroBatch = dict[str, Any]
 """A packed micro-batch: at least ``input_ids`` int [T] and ``cu_seqlens`` int [N+1]; any other keys
 (targets, advantages, masks, ...) are passed through to ``loss_fn``."""
 
 
+class LazyMicroBatches(Protocol):
+    """Micro-batches built one at a time as the schedule iterates (e.g. ``orz_fast.ppo.experience.MicroBatches``):
+    their count and the longest one's token count are known up front."""
+
+    max_tokens: int
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[MicroBatch]: ...
+
+
 def forward_backward(
     model: torch.nn.Module,
-    micro_batches: Sequence[MicroBatch],
+    micro_batches: Sequence[MicroBatch] | LazyMicroBatches,
     loss_fn: Callable[[torch.Tensor, MicroBatch], Any],
     *,
     forward_only: bool = False,
+    grad_sync: GradSync | None = None,
 ) -> list[Any]:
     """Run ``micro_batches`` through ``model`` (this rank's stage), backward included unless ``forward_only``.
 
@@ -38,6 +60,10 @@ def forward_backward(
     scalar ``loss`` is divided by ``len(micro_batches)`` (Megatron's convention, so the
     gradients are the mean over micro-batches) and back-propagated through all stages;
     gradients accumulate into ``.grad``. With ``forward_only`` it may return anything.
+
+    With ``grad_sync`` (the optimizer), the data-parallel gradient reduction starts during the
+    last micro-batch's backward, bucket by bucket: megatron-core's schedule runs every other
+    backward inside ``grad_sync.no_sync()``.
 
     Returns, on the last stage, the list of ``stats`` (training) or of ``loss_fn``
     results (forward only), one per micro-batch; an empty list on other stages.
@@ -56,37 +82,46 @@ def forward_backward(
         return output, reduce
 
     on_cpu = not next(model.parameters()).is_cuda
-    with cpu_pipeline_compat(on_cpu):
-        result = get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=len(micro_batches),
-            seq_length=max(b["input_ids"].shape[0] for b in micro_batches),
-            micro_batch_size=1,
-            forward_only=forward_only,
-            collect_non_loss_data=forward_only,
-        )
+    overlap = grad_sync is not None and not forward_only
+    saved_no_sync = model.config.no_sync_func
+    if overlap:
+        model.config.no_sync_func = grad_sync.no_sync
+    try:
+        with cpu_pipeline_compat(on_cpu), grad_sync.overlap_grad_reduce() if overlap else contextlib.nullcontext():
+            result = get_forward_backward_func()(
+                forward_step_func=step,
+                data_iterator=iter(micro_batches),
+                model=[model],
+                num_microbatches=len(micro_batches),
+                seq_length=getattr(micro_batches, "max_tokens", None)
+                or max(b["input_ids"].shape[0] for b in micro_batches),
+                micro_batch_size=1,
+                forward_only=forward_only,
+                collect_non_loss_data=forward_only,
+            )
+    finally:
+        model.config.no_sync_func = saved_no_sync
     return list(result) if parallel_state.is_pipeline_last_stage() else []
 
 
-def finalize_model_grads(model: torch.nn.Module) -> None:
-    """Make the accumulated gradients step-ready; call once per optimizer step, after the last backward.
+def tied_embedding_copy(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """This stage's copy of an embedding tied across pipeline stages (its gradient is completed by
+    :func:`finalize_model_grads`), or None."""
+    if not getattr(model, "ties_embedding_across_stages", False):
+        return None
+    return model.embed.weight if model.is_first_stage else model.output_layer.weight
 
-    1. Tied embeddings with ``pp > 1``: the first stage's embedding and the last stage's
-       head copy receive the sum of both gradients (all-reduce over the embedding group),
-       so the two copies stay equal.
-    2. Data parallelism: every gradient is averaged over the data-parallel group.
+
+def finalize_model_grads(model: torch.nn.Module) -> None:
+    """Complete the gradients that cross pipeline stages; call once per optimizer step, after the last backward.
+
+    Tied embeddings with ``pp > 1``: the first stage's embedding and the last stage's head copy
+    receive the sum of both gradients (all-reduce over the embedding group), so the two copies
+    stay equal. The data-parallel mean is the optimizer's (``ShardedAdamW``: bucketed
+    reduce-scatter).
     """
-    if getattr(model, "ties_embedding_across_stages", False) and parallel_state.is_rank_in_embedding_group():
-        weight = model.embed.weight if model.is_first_stage else model.output_layer.weight
+    weight = tied_embedding_copy(model)
+    if weight is not None and parallel_state.is_rank_in_embedding_group():
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
-        dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp > 1:
-        group = parallel_state.get_data_parallel_group()
-        for p in model.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=group)
-                p.grad.div_(dp)
+        weight.grad = collectives.all_reduce(weight.grad, parallel_state.get_embedding_group())

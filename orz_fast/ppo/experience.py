@@ -1,96 +1,322 @@
-"""Rollout samples and the packed micro-batches the PPO updates run on.
+"""The step's experience: its samples as flat tensors plus offsets on the compute device.
 
-A sample is one response to one prompt. Training feeds ``prompt + response[:-1]`` (the last
-response token is never an input), so the action for response token ``j`` is predicted by
-the hidden state at position ``len(prompt) - 1 + j``: these positions are the micro-batch's
-``action_idx``, and every per-action quantity (targets, old log-probs, values, advantages,
-returns) is a [A] tensor aligned with them. No padding token is ever computed.
+A sample is one response to one prompt. A step has ``G`` prompt slots (its prompts, in the
+order the sampler took them) and ``n`` samples per slot; every rank builds the same prompt
+tokens, so only responses travel between ranks. This rank's part of the step is an
+:class:`Experience`:
+
+- ``tokens`` int32 [P + A]: the step's ``G`` prompts end to end (``prompt_offsets`` [G+1]),
+  then this rank's responses end to end (``response_offsets`` [N+1], flash-attn ``cu_seqlens``
+  style); ``logprobs`` float32 [A] are the sampling log-probs of the response tokens;
+- ``table``: one host row per sample (prompt slot, sample number, lengths, score, truncation),
+  the only per-sample data kept on the host (packing and balancing read lengths there, so no
+  device value is ever read back to plan work);
+- per-token results of later stages (``values``, ``advantages``, ``returns``) are [A] tensors
+  beside ``logprobs``.
+
+Training feeds ``prompt + response[:-1]`` (the last response token is never an input), so the
+action for response token ``j`` is predicted by the hidden state at position
+``len(prompt) - 1 + j``. :class:`MicroBatches` packs any subset of samples into such inputs,
+with the matching ``targets`` and per-token slices, by concatenating per-sample views on the
+device (no per-token Python); :func:`gather_actions` picks the action rows of a model output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
 from orz_fast import packing
 
+PerAction = torch.Tensor | tuple[torch.Tensor, ...]
+"""A per-token [A] tensor, or its per-sample views (:meth:`Experience.per_sample`)."""
+
 
 @dataclass
-class Sample:
-    """One response to one prompt, with what the rollout measured."""
+class SampleTable:
+    """One row per sample, host numpy arrays of length N."""
 
-    prompt: list[int]
-    response: list[int]
-    logprobs: list[float]
-    """Sampling log-probs of the response tokens (the old log-probs of an on-policy update)."""
-    score: float
-    """0/1 reward (0 when truncated)."""
-    truncated: bool
-    """The response ended by length."""
-    group: int
-    """Index of its prompt within the step (GRPO groups)."""
-    advantage: float = 0.0
-    """Group-normalised score (GRPO only; GAE advantages are per token)."""
+    slot: np.ndarray
+    """int64: prompt slot in the step (0 .. G-1)."""
+    sample: np.ndarray
+    """int64: sample number within its prompt (0 .. n-1)."""
+    prompt_len: np.ndarray
+    """int64: prompt tokens."""
+    response_len: np.ndarray
+    """int64: response tokens."""
+    score: np.ndarray
+    """float64: reward (0/1; 0 when truncated)."""
+    truncated: np.ndarray
+    """bool: the response ended by length."""
+
+    def __len__(self) -> int:
+        return len(self.slot)
 
     @property
-    def num_inputs(self) -> int:
-        return len(self.prompt) + len(self.response) - 1
+    def num_inputs(self) -> np.ndarray:
+        """Tokens each sample feeds the model: ``prompt + response - 1``."""
+        return self.prompt_len + self.response_len - 1
+
+    def take(self, rows: np.ndarray) -> SampleTable:
+        return SampleTable(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    @staticmethod
+    def concat(tables: Sequence[SampleTable]) -> SampleTable:
+        return SampleTable(
+            **{f.name: np.concatenate([getattr(t, f.name) for t in tables]) for f in fields(SampleTable)}
+        )
+
+    def summary(self) -> dict[str, float]:
+        """The step's sample metrics: reward, lengths, truncation, generated and trained token counts."""
+        n = max(len(self), 1)
+        return {
+            "reward_mean": float(self.score.sum()) / n,
+            "accuracy": float(self.score.sum()) / n,
+            "response_length_mean": float(self.response_len.sum()) / n,
+            "response_length_max": float(self.response_len.max(initial=0)),
+            "truncated_fraction": float(self.truncated.sum()) / n,
+            "generated_tokens": float(self.response_len.sum()),
+            "trained_tokens": float(self.num_inputs.sum()),
+        }
+
+    def to_tensor(self) -> torch.Tensor:
+        """float64 [N, 6] (every integer here is far below 2**53), for one collective."""
+        return torch.from_numpy(np.stack([getattr(self, f.name).astype(np.float64) for f in fields(self)], axis=1))
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> SampleTable:
+        cols = t.cpu().numpy()
+        ints = {f.name: cols[:, k].astype(np.int64) for k, f in enumerate(fields(SampleTable)[:4])}
+        return SampleTable(**ints, score=cols[:, 4].copy(), truncated=cols[:, 5] != 0)
 
 
-def response_offsets(samples: Sequence[Sample]) -> torch.Tensor:
-    """``cu_seqlens`` of the responses in sample order: int64 [N+1]."""
-    lengths = torch.tensor([len(s.response) for s in samples], dtype=torch.int64)
-    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
-def pack_micro_batches(samples: Sequence[Sample], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Split ``indices`` into bins of at most ``max_tokens`` input tokens (first-fit decreasing)."""
-    lengths = np.array([samples[i].num_inputs for i in indices], dtype=np.int64)
-    return [[indices[j] for j in b] for b in packing.pack_by_token_budget(lengths, max_tokens)]
+@dataclass
+class Experience:
+    """This rank's samples of one step (see the module docstring for the layout)."""
+
+    table: SampleTable
+    tokens: torch.Tensor
+    prompt_offsets: np.ndarray
+    logprobs: torch.Tensor
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    prompt_rows: np.ndarray | None = None
+    """Training-set row of each prompt slot (names a sample in errors)."""
+    response_offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.response_offsets = _offsets(self.table.response_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.prompt_offsets[-1])
+
+    @property
+    def num_actions(self) -> int:
+        """Response tokens A of this rank's samples."""
+        return int(self.response_offsets[-1])
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.tokens[self.num_prompt_tokens :]
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """Response offsets [N+1] int64 on the device."""
+        return torch.as_tensor(self.response_offsets, device=self.device)
+
+    def scores(self) -> torch.Tensor:
+        """Per-sample scores [N] float32 on the device."""
+        return torch.as_tensor(self.table.score, dtype=torch.float32, device=self.device)
+
+    def prompt(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s prompt tokens."""
+        slot = int(self.table.slot[i])
+        return self.tokens[self.prompt_offsets[slot] : self.prompt_offsets[slot + 1]]
+
+    def response(self, i: int) -> torch.Tensor:
+        """Sample ``i``'s response tokens."""
+        return self.response_ids[self.response_offsets[i] : self.response_offsets[i + 1]]
+
+    def per_sample(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Views of a per-token [A] ``tensor`` (e.g. ``response_ids``), one per sample (a single split)."""
+        return tensor.split(self.table.response_len.tolist())
+
+    @cached_property
+    def token_views(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per prompt slot its tokens, per sample its response but the last token (a model input), and per sample
+        its response: views made once (splitting costs a tensor object per piece)."""
+        table = self.table
+        prompts = self.tokens[: self.num_prompt_tokens].split(np.diff(self.prompt_offsets).tolist())
+        ends = np.stack([table.response_len - 1, np.ones_like(table.response_len)], 1).reshape(-1)
+        return prompts, self.response_ids.split(ends.tolist())[0::2], self.per_sample(self.response_ids)
+
+    def actions_of(self, tensor: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """The parts of a per-token [A] ``tensor`` belonging to samples ``rows``, end to end in that order."""
+        views = self.per_sample(tensor)
+        return torch.cat([views[i] for i in rows.tolist()] or [tensor[:0]])
+
+    def micro_batches(
+        self, indices: np.ndarray, max_tokens: int, per_action: dict[str, PerAction], *, targets: bool = True
+    ) -> MicroBatches:
+        """Samples ``indices`` in micro-batches of at most ``max_tokens`` input tokens (first-fit decreasing).
+        ``per_action``: [A] tensors, or their :meth:`per_sample` views (split once for many calls)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        bins = packing.pack_by_token_budget(self.table.num_inputs[idx], max_tokens)
+        return MicroBatches(self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets)
 
 
-def make_micro_batch(
-    samples: Sequence[Sample],
-    indices: Sequence[int],
-    offsets: torch.Tensor,
-    per_action: dict[str, torch.Tensor],
-    device: torch.device,
-) -> dict[str, torch.Tensor]:
-    """One packed micro-batch of ``indices``.
+def gather_actions(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """The rows of a micro-batch's model output (hidden states [T, H] or values [T]) that predict its response
+    tokens, end to end in sample order: [A_mb, ...]. Differentiable."""
+    return torch.cat(output.split(batch["action_splits"])[1::2])
+
+
+class MicroBatches:
+    """Micro-batches of an :class:`Experience`, each built when the schedule asks for it (never the whole step's
+    inputs at once), by concatenating per-sample views (one split per tensor for all of them).
+
+    A micro-batch holds ``input_ids`` int32 [T] (each sample's prompt, then its response but the last token),
+    ``cu_seqlens`` int32 [n+1], ``action_splits`` (host: per sample, the input positions before its first
+    action, then its actions; see :func:`gather_actions`), ``targets`` int64 [A_mb] (unless ``targets=False``:
+    a value head needs none), ``mask`` [A_mb] (all true), ``samples`` (its indices, host) and the slices of
+    each ``per_action`` [A] tensor under the same keys.
+
+    Attributes:
+        bins: the sample indices of each micro-batch.
+        max_tokens: the longest micro-batch's input tokens.
+    """
+
+    def __init__(
+        self, exp: Experience, bins: list[np.ndarray], per_action: dict[str, PerAction], *, targets: bool = True
+    ) -> None:
+        self.exp, self.bins, self.per_action, self.targets = exp, bins, per_action, targets
+        self.tokens = [int(exp.table.num_inputs[b].sum()) for b in bins]
+        self.max_tokens = max(self.tokens, default=0)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        exp, table, device = self.exp, self.exp.table, self.exp.device
+        prompts, inputs, responses = exp.token_views
+        per_action = {k: v if isinstance(v, tuple) else exp.per_sample(v) for k, v in self.per_action.items()}
+        slots = table.slot.tolist()
+        for b in self.bins:
+            rows = b.tolist()
+            pl, rl = table.prompt_len[b], table.response_len[b]
+            batch = {
+                "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
+                "cu_seqlens": torch.as_tensor(_offsets(pl + rl - 1), dtype=torch.int32, device=device),
+                "action_splits": np.stack([pl - 1, rl], 1).reshape(-1).tolist(),
+                "mask": torch.ones(int(rl.sum()), dtype=torch.bool, device=device),
+                "samples": b,
+                **{k: torch.cat([views[i] for i in rows]) for k, views in per_action.items()},
+            }
+            if self.targets:
+                batch["targets"] = torch.cat([responses[i] for i in rows]).long()
+            yield batch
+
+
+def step_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """The step's prompts end to end, int32 on ``device``, and their offsets [G+1]."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    flat = np.fromiter((t for p in prompts for t in p), dtype=np.int32, count=int(lengths.sum()))
+    return torch.from_numpy(flat).to(device), _offsets(lengths)
+
+
+def _flat_into(out: torch.Tensor, pieces: Sequence) -> None:
+    """Concatenate per-response sequences (lists, numpy arrays or 1-D tensors) into ``out``."""
+    if not pieces:
+        return
+    if all(isinstance(p, torch.Tensor) for p in pieces):
+        torch.cat([p.to(device=out.device, dtype=out.dtype) for p in pieces], out=out)
+    elif out.device.type == "cpu":
+        np.concatenate(pieces, out=out.numpy(), casting="same_kind")
+    else:
+        host = torch.empty(out.shape, dtype=out.dtype)
+        np.concatenate(pieces, out=host.numpy(), casting="same_kind")
+        out.copy_(host)
+
+
+def _with_responses(prompt_tokens: torch.Tensor, table: SampleTable, responses: Sequence) -> torch.Tensor:
+    """One int32 buffer: the step's prompts, then every response's tokens."""
+    tokens = torch.empty(
+        prompt_tokens.numel() + int(table.response_len.sum()), dtype=torch.int32, device=prompt_tokens.device
+    )
+    tokens[: prompt_tokens.numel()] = prompt_tokens
+    _flat_into(tokens[prompt_tokens.numel() :], responses)
+    return tokens
+
+
+def from_completions(
+    completions: Sequence[Sequence],
+    slots: Sequence[int],
+    prompt_tokens: torch.Tensor,
+    prompt_offsets: np.ndarray,
+    scores: Sequence[float],
+    prompt_rows: Sequence[int] | None = None,
+) -> Experience:
+    """This rank's generated samples as an :class:`Experience` on ``prompt_tokens``' device.
 
     Args:
-        offsets: response offsets of all samples (:func:`response_offsets`).
-        per_action: [A_total] tensors in sample order (old log-probs, advantages, ...), sliced
-            to this micro-batch's actions under the same keys.
-    Returns:
-        ``input_ids`` [T], ``cu_seqlens`` int32 [n+1], ``action_idx`` [A], ``targets`` [A],
-        ``mask`` [A] (all true), ``rows`` [A] (positions in the per-action tensors) and ``per_action`` slices.
+        completions: per prompt of this rank, its ``n`` completions (``token_ids``, ``logprobs``,
+            ``finish_reason``), as the rollout engines return them.
+        slots: the step's prompt slot of each of those prompts.
+        prompt_tokens, prompt_offsets: the step's prompts (:func:`step_prompts`).
+        scores: one score per completion, prompt-major.
+        prompt_rows: the training-set row of each prompt slot.
     """
-    pieces: list[np.ndarray] = []
-    cu = [0]
-    action_idx: list[np.ndarray] = []
-    rows: list[torch.Tensor] = []
-    for i in indices:
-        s = samples[i]
-        start = cu[-1]
-        pieces.append(np.asarray(s.prompt + s.response[:-1], dtype=np.int64))
-        cu.append(start + s.num_inputs)
-        action_idx.append(np.arange(len(s.response), dtype=np.int64) + (start + len(s.prompt) - 1))
-        rows.append(torch.arange(int(offsets[i]), int(offsets[i + 1])))
-    row_idx = torch.cat(rows)
-    batch = {
-        "input_ids": torch.from_numpy(np.concatenate(pieces)).to(device),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device),
-        "action_idx": torch.from_numpy(np.concatenate(action_idx)).to(device),
-        "targets": torch.from_numpy(
-            np.concatenate([np.asarray(samples[i].response, dtype=np.int64) for i in indices])
-        ).to(device),
-        "rows": row_idx.to(device),
-    }
-    batch["mask"] = torch.ones_like(batch["targets"], dtype=torch.bool)
-    for key, values in per_action.items():
-        batch[key] = values[row_idx].to(device)
-    return batch
+    flat = [c for group in completions for c in group]
+    slot = np.repeat(np.asarray(slots, dtype=np.int64), [len(g) for g in completions])
+    plens = np.diff(prompt_offsets)
+    table = SampleTable(
+        slot=slot,
+        sample=np.concatenate([np.arange(len(g), dtype=np.int64) for g in completions]) if flat else slot.copy(),
+        prompt_len=plens[slot],
+        response_len=np.array([len(c.token_ids) for c in flat], dtype=np.int64),
+        score=np.asarray(scores, dtype=np.float64).reshape(-1),
+        truncated=np.array([c.finish_reason == "length" for c in flat], dtype=bool),
+    )
+    if len(table.score) != len(flat):
+        raise ValueError(f"got {len(table.score)} scores for {len(flat)} completions")
+    tokens = _with_responses(prompt_tokens, table, [c.token_ids for c in flat])
+    logprobs = torch.empty(tokens.numel() - prompt_tokens.numel(), dtype=torch.float32, device=prompt_tokens.device)
+    _flat_into(logprobs, [c.logprobs for c in flat])
+    rows = None if prompt_rows is None else np.asarray(prompt_rows, dtype=np.int64)
+    return Experience(table, tokens, prompt_offsets, logprobs, prompt_rows=rows)
+
+
+def from_sequences(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device: torch.device
+) -> Experience:
+    """Prompt/response pairs (each pair its own prompt slot, zero log-probs and scores) as an :class:`Experience`,
+    e.g. for supervised steps."""
+    tokens, offsets = step_prompts(prompts, device)
+    n = len(prompts)
+    table = SampleTable(
+        slot=np.arange(n, dtype=np.int64),
+        sample=np.zeros(n, dtype=np.int64),
+        prompt_len=np.diff(offsets),
+        response_len=np.array([len(r) for r in responses], dtype=np.int64),
+        score=np.zeros(n),
+        truncated=np.zeros(n, dtype=bool),
+    )
+    tokens = _with_responses(tokens, table, list(responses))
+    logprobs = torch.zeros(int(table.response_len.sum()), dtype=torch.float32, device=device)
+    return Experience(table, tokens, offsets, logprobs)

@@ -16,7 +16,7 @@ import torch
 
 from orz_fast import ops, parallel
 from orz_fast.data import EncodedPrompt
-from orz_fast.ppo.experience import Sample, make_micro_batch, pack_micro_batches, response_offsets
+from orz_fast.ppo.experience import from_sequences, gather_actions
 from orz_fast.ppo.optim import ShardedAdamW
 
 
@@ -38,36 +38,32 @@ def format_warmup(
     rng = np.random.default_rng([seed, 17])
     answers = [p.problem.answer for p in prompts]
     device = next(policy.parameters()).device
+    tied = parallel.tied_embedding_copy(policy)
     opt = ShardedAdamW(
         policy.parameters(),
         lr=lr,
         grad_clip=1.0,
         dp_group=parallel.dp_group() if parallel.dp_size() > 1 else None,
-        average_grads=False,
+        deferred=[tied] if tied is not None else [],
     )
+    encoded = {}
     losses = []
     for _ in range(steps):
         picks = rng.integers(len(prompts), size=batch_size)
         fakes = rng.integers(len(prompts), size=batch_size)
-        samples = [
-            Sample(
-                prompt=prompts[i].token_ids,
-                response=list(tokenizer.encode(f"<answer>{answers[j]}</answer>", add_special_tokens=False)),
-                logprobs=[],
-                score=0.0,
-                truncated=False,
-                group=int(i),
-            )
-            for i, j in zip(picks, fakes, strict=True)
-        ]
-        offsets = response_offsets(samples)
-        bins = pack_micro_batches(samples, list(range(len(samples))), micro_batch_tokens)
-        mbs = [make_micro_batch(samples, b, offsets, {}, device) for b in bins]
-        scale = len(mbs) / float(offsets[-1])
+        responses = []
+        for j in fakes:
+            if answers[j] not in encoded:
+                text = f"<answer>{answers[j]}</answer>"
+                encoded[answers[j]] = list(tokenizer.encode(text, add_special_tokens=False))
+            responses.append(encoded[answers[j]])
+        exp = from_sequences([prompts[i].token_ids for i in picks], responses, device)
+        mbs = exp.micro_batches(np.arange(batch_size), micro_batch_tokens, {})
+        scale = len(mbs) / exp.num_actions
 
         def loss_fn(hidden, b, scale=scale):
             logp = ops.linear_logprobs(
-                hidden[b["action_idx"]],
+                gather_actions(hidden, b),
                 policy.output_weight,
                 b["targets"],
                 tp_group=tp_group,
@@ -76,8 +72,8 @@ def format_warmup(
             nll = -logp.sum()
             return nll * scale, {"nll": nll.detach()}
 
-        stats = parallel.forward_backward(policy, mbs, loss_fn)
+        stats = parallel.forward_backward(policy, mbs, loss_fn, grad_sync=opt)
         parallel.finalize_model_grads(policy)
         opt.step()
-        losses.append(float(sum(s["nll"] for s in stats)) / float(offsets[-1]))
+        losses.append(float(sum(s["nll"] for s in stats)) / exp.num_actions)
     return losses

@@ -88,19 +88,32 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+def _empty_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def pack_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    *,
+    alloc: Callable[[int, torch.device], torch.Tensor] | None = None,
+) -> Iterator[Bucket]:
     """Pack a stream of named tensors into flat byte buckets of at most ``bucket_bytes`` bytes each.
 
     Tensors keep stream order; each starts at a multiple of :data:`BUCKET_ALIGN` bytes, and a
     bucket closes when the next tensor would end past ``bucket_bytes``. A tensor larger than
-    ``bucket_bytes`` travels alone, in a bucket that is a view of its own bytes (no copy when
-    it is contiguous).
-    A bucket lives on the device of its first tensor and is a fresh buffer, so buckets may be
-    kept; the stream is consumed lazily (one bucket plus one tensor in memory at a time).
+    ``bucket_bytes`` travels alone: without ``alloc`` in a bucket that is a view of its own bytes
+    (no copy when it is contiguous), with ``alloc`` copied into a buffer of its size.
+    Without ``alloc`` a bucket lives on the device of its first tensor and is a fresh buffer, so
+    buckets may be kept; the stream is consumed lazily (one bucket plus one tensor in memory at
+    a time).
 
     Args:
         named_tensors: ``(name, tensor)`` pairs of any dtype, shape and contiguity.
         bucket_bytes: largest bucket in bytes, an int >= 1.
+        alloc: ``alloc(nbytes, device)`` -> uint8 [>= nbytes] buffer a bucket is packed into (e.g.
+            a shared-memory mapping reused for every bucket: a bucket is then valid only until
+            the next one is requested). Default: a fresh ``torch.empty`` on the tensor's device.
     Yields:
         :class:`Bucket` with ``flat`` uint8 [nbytes] and the entries locating each tensor.
     """
@@ -114,14 +127,19 @@ def pack_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
             if entries:
                 yield Bucket(buf[:end], tuple(entries))
                 buf, entries, end = None, [], 0
-            yield Bucket(_as_bytes(tensor), (entry,))
+            if alloc is None:
+                yield Bucket(_as_bytes(tensor), (entry,))
+            else:
+                alone = alloc(entry.nbytes, tensor.device)[: entry.nbytes]
+                alone.copy_(_as_bytes(tensor))
+                yield Bucket(alone, (entry,))
             continue
         offset = _align(end) if entries else 0
         if offset + entry.nbytes > bucket_bytes:
             yield Bucket(buf[:end], tuple(entries))
             buf, entries, offset = None, [], 0
         if buf is None:
-            buf = torch.empty(bucket_bytes, dtype=torch.uint8, device=tensor.device)
+            buf = (alloc or _empty_bytes)(bucket_bytes, tensor.device)
         buf[offset : offset + entry.nbytes].copy_(_as_bytes(tensor))
         entries.append(BucketEntry(name, entry.shape, entry.dtype, offset))
         end = offset + entry.nbytes
