@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"orz_fast.train: {threads} torch thread(s) per process (set OMP_NUM_THREADS to choose)", flush=True)
     from orz_fast.ppo.trainer import Trainer
 
     try:
