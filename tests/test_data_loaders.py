@@ -14,6 +14,7 @@ from orz_fast.data import (
     load_file,
     load_files,
     load_problems,
+    load_prompt_set,
     render_orz,
 )
 
@@ -111,26 +112,63 @@ def test_unreadable_files(tmp_path):
 
 
 class _WordTokenizer:
-    """One token per whitespace-separated word, plus a bos token."""
+    """One token per whitespace-separated word; a BOS token it puts before plain text itself (as Llama's do)."""
 
     bos_token = "<s>"
+    bos_token_id = 1
     chat_template = None
 
     def encode(self, text, add_special_tokens=True):
-        return [hash(w) % 1000 for w in text.split()]
+        return [1] * add_special_tokens + [hash(w) % 1000 + 2 for w in text.split()]
 
 
 def test_long_prompts_are_dropped_and_counted():
     problems = [Problem(prompt=" ".join(["w"] * n), answer="1", index=n) for n in (1, 50, 10, 200)]
     tok = _WordTokenizer()
-    base = len(tok.encode(render_orz("", bos_token="<s>")))  # template tokens; each prompt word adds one
+    base = len(tok.encode(render_orz("", bos_token="<s>"), False))  # template tokens; each prompt word adds one
     stats = LoadStats(rows=4, kept=4)
     kept = encode_prompts(problems, tok, template="orz", max_prompt_tokens=base + 20, stats=stats)
     assert [e.problem.index for e in kept] == [1, 10]
     assert stats.too_long == 2 and stats.kept == 2
+    assert (stats.shortest_prompt_tokens, stats.longest_prompt_tokens) == (base + 1, base + 200)
     assert kept[0].text.startswith("<s>A conversation") and len(kept[0].token_ids) <= base + 20
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         encode_prompts(problems, tok, max_prompt_tokens=0)
+
+
+def test_prompt_sets_name_the_setting_the_file_and_the_row(tmp_path):
+    """A missing, empty or malformed prompt file, and a set whose every prompt is too long, fail naming the setting,
+    the file (and row), or data.max_prompt_tokens and the prompts' lengths."""
+    tok = _WordTokenizer()
+    data = DataConfig(template="plain", max_prompt_tokens=8)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a b", "answer": "1"}\n{"prompt": "' + "w " * 30 + '", "answer": "2"}\n')
+    prompts, stats = load_prompt_set(data, tok, files=[str(good)], setting="optim.anneal.data")
+    assert [p.problem.index for p in prompts] == [0] and (stats.rows, stats.kept, stats.too_long) == (2, 1, 1)
+    assert (stats.shortest_prompt_tokens, stats.longest_prompt_tokens) == (3, 31)  # words + "Assistant:", no bos
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
+    cases = [
+        ([str(tmp_path / "missing.jsonl")], f"optim.anneal.data: {tmp_path / 'missing.jsonl'}: no such file"),
+        ([str(good), str(empty)], f"optim.anneal.data: {empty}: no problems \\(0 rows\\)"),
+        ([str(bad)], f"optim.anneal.data: {bad}: row 1: no answer column"),
+    ]
+    for files, message in cases:
+        with pytest.raises(DataError, match=message):
+            load_prompt_set(data, tok, files=files, setting="optim.anneal.data")
+    tight = DataConfig(template="plain", max_prompt_tokens=2, train=[str(good)])
+    with pytest.raises(
+        DataError, match="data.train: every one of its 2 prompts is longer than data.max_prompt_tokens=2 "
+    ):
+        load_prompt_set(tight, tok)
+    with pytest.raises(DataError, match=r"they have 3 to 31 tokens\): raise data.max_prompt_tokens"):
+        load_prompt_set(tight, tok)
+    synthetic = DataConfig(template="plain", max_prompt_tokens=1, synthetic="comparison", synthetic_size=5)
+    with pytest.raises(
+        DataError, match="data.train: every one of its 5 prompts is longer than data.max_prompt_tokens=1"
+    ):
+        load_prompt_set(synthetic, tok)
 
 
 def test_load_problems_from_config(tmp_path):

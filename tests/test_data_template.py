@@ -26,17 +26,34 @@ def test_orz_template_renders_exactly():
 
 class _NoBos:
     bos_token = None
+    bos_token_id = None
     chat_template = None
 
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) + 10 for c in text]
 
-class _WithBos(_NoBos):
-    bos_token = "<s>"
+
+class _AddsBos(_NoBos):
+    """Starts plain text with its BOS token (Llama's tokenizers)."""
+
+    bos_token, bos_token_id = "<s>", 1
+
+    def encode(self, text, add_special_tokens=True):
+        return [1] * add_special_tokens + super().encode(text)
 
 
-def test_render_prompt_uses_the_tokenizers_bos_token():
+class _ChatBos(_NoBos):
+    """A BOS token it never adds to plain text, which opens a chat turn (SmolLM2's ``<|im_start|>``)."""
+
+    bos_token, bos_token_id = "<|im_start|>", 1
+
+
+def test_render_prompt_prepends_only_a_bos_the_tokenizer_adds_itself():
     assert render_prompt("Q", "orz", _NoBos()) == render_orz("Q")
-    assert render_prompt("Q", "orz", _WithBos()) == "<s>" + render_orz("Q")
+    assert render_prompt("Q", "orz", _AddsBos()) == "<s>" + render_orz("Q")
+    assert render_prompt("Q", "orz", _ChatBos()) == render_orz("Q")
     assert render_prompt("Q", "orz") == render_orz("Q")
+    assert render_prompt("Q", "orz", _AddsBos(), bos="") == render_orz("Q")
     with pytest.raises(ValueError, match="template"):
         render_prompt("Q", "alpaca", _NoBos())
     with pytest.raises(ValueError, match="chat template"):
@@ -71,5 +88,21 @@ def test_chat_mode_uses_the_tokenizers_chat_template(chat_tokenizer):
     assert text.startswith("<|im_start|>user\nYou must put your answer inside <answer> </answer> tags")
     assert text.endswith("This is the problem:\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert "\\boxed{} tag" in text and "A conversation between" not in text
+    # This tokenizer never puts its BOS before plain text, so ORZ's template does not either.
     orz_ids = chat_tokenizer.encode(render_prompt("What is 2+2?", "orz", chat_tokenizer), add_special_tokens=False)
-    assert orz_ids[0] == chat_tokenizer.bos_token_id
+    assert orz_ids[0] != chat_tokenizer.bos_token_id
+
+
+def test_orz_template_opens_no_chat_turn_for_smollm2():
+    """SmolLM2's bos_token is ``<|im_start|>`` (it opens a chat turn) and its tokenizer never adds it: ORZ's
+    prompt starts with ORZ's own text."""
+    from conftest import smollm2_gguf
+
+    from orz_fast.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_gguf()))
+    assert tokenizer.bos_token == "<|im_start|>"
+    text = render_prompt("3>8?", "orz", tokenizer)
+    assert text == render_orz("3>8?")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.bos_token_id not in ids and tokenizer.decode(ids).startswith("A conversation between User")

@@ -122,7 +122,8 @@ def test_layout_that_does_not_fit_is_rejected_before_work(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"")
     with pytest.raises(ValueError, match="rollout.engine='vllm' needs model.path to be a Hugging Face directory"):
-        check_layout(resolve("tiny", overrides=["rollout.engine=vllm", f"model.path={gguf}"]), world_size=1)
+        real = ["data.template=plain", "data.max_prompt_tokens=64"]
+        check_layout(resolve("tiny", overrides=["rollout.engine=vllm", f"model.path={gguf}", *real]), world_size=1)
     with pytest.raises(ValueError, match="world size 2 is not divisible by parallel.tp \\* parallel.pp = 1 \\* 4"):
         check_layout(resolve("tiny", overrides=["parallel.pp=4"]), world_size=2)
 
@@ -294,9 +295,48 @@ def test_fused_and_unfused_policy_loss_agree_over_several_updates(tmp_path):
 
 
 def test_grpo_variant_runs_without_critic(tmp_path):
-    run(train_cmd(tmp_path, "train.steps=2", "ppo.advantage=grpo"))
+    run(train_cmd(tmp_path, "train.steps=2", "ppo.advantage=grpo", "ckpt.every=1"))
     records = read_metrics(Path(tmp_path) / "metrics.jsonl")
-    assert len(records) == 2 and "value_loss" not in records[0]
+    assert len(records) == 2 and "value_loss" not in records[0] and "critic_lr" not in records[0]
+    state = torch.load(tmp_path / "checkpoints" / "step-00000002" / "rank-00000.pt", weights_only=True)
+    assert "critic" not in state and "critic_opt" not in state and "policy" in state
+    run([*train_cmd(tmp_path, "train.steps=3", "ppo.advantage=grpo", "ckpt.every=1"), "--resume"])
+    assert [r["step"] for r in read_metrics(Path(tmp_path) / "metrics.jsonl")] == [1, 2, 3]
+    trainer = Trainer(resolve("tiny", overrides=["logging.progress=false", "ppo.advantage=grpo"]), tmp_path / "b")
+    assert trainer.critic is None and trainer.critic_opt is None  # never built
+    trainer.rollouts.close()
+
+
+def test_without_checkpointing_no_checkpoint_is_written(tmp_path):
+    """ckpt.every=0: no checkpoint at all, not even at the end; the HF export (with its tokenizer) stays."""
+    run(train_cmd(tmp_path, "train.steps=2", "ckpt.every=0"))
+    assert not (tmp_path / "checkpoints").exists()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "policy_hf").iterdir()
+    }
+
+
+def test_a_run_logs_no_nan_and_records_its_rollouts(tmp_path):
+    """Every reward of the tiny model's steps is 0 (explained variance 0, not NaN); rollouts.jsonl and samples.jsonl
+    are written, the data set's counts are printed at start and a sampled response in the progress output."""
+    cmd = train_cmd(tmp_path, "train.steps=2", "logging.samples_every=2", "logging.samples_shown=3")
+    out = run([*cmd, "--set", "logging.progress=true"])
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["reward_mean"] == 0.0 for r in records)  # the case that made 0/0
+    for r in records:
+        for key, value in r.items():
+            assert isinstance(value, (int, float)) and value == value, (key, value)  # finite numbers, no "nan"
+    assert records[0]["explained_variance"] == 0.0
+    assert {"rollout/answered", "rollout/top_answer_share", "rollout/identical_groups"} <= records[0].keys()
+    lines = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 1, 2, 2] and all(len(x["scores"]) == 2 for x in lines)
+    samples = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] and len(samples[0]["samples"]) == 3
+    first = samples[0]["samples"][0]
+    assert first["row"] == lines[2]["row"] and first["score"] == lines[2]["scores"][0]
+    assert "train prompts: 10000 of 10000 rows kept; 0 dropped as longer than data.max_prompt_tokens=64" in out.stdout
+    assert "step 2 sample (row " in out.stdout and "most common answers:" in out.stdout  # tqdm.write: stdout
+    assert json.loads((tmp_path / "data_stats.json").read_text())["train"]["too_long"] == 0
 
 
 @pytest.mark.parametrize(

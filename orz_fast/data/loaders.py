@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orz_fast.data.template import Template, render_prompt
+from orz_fast.data.template import Template, bos_prefix, render_prompt
 
 PROMPT_KEYS = ("prompt", "problem", "question")
 """Columns read as the problem text in JSONL / Parquet rows, first present wins."""
@@ -53,6 +53,10 @@ class LoadStats:
     """Malformed rows skipped (``skip_bad_rows``)."""
     too_long: int = 0
     """Prompts dropped for exceeding ``max_prompt_tokens``."""
+    shortest_prompt_tokens: int | None = None
+    """Tokens of the shortest rendered prompt, kept or dropped (None before encoding)."""
+    longest_prompt_tokens: int | None = None
+    """Tokens of the longest rendered prompt, kept or dropped (None before encoding)."""
     errors: list[str] = field(default_factory=list)
     """The first few skip reasons, for logs."""
 
@@ -61,7 +65,21 @@ class LoadStats:
         self.kept += other.kept
         self.bad_rows += other.bad_rows
         self.too_long += other.too_long
+        lows = [v for v in (self.shortest_prompt_tokens, other.shortest_prompt_tokens) if v is not None]
+        highs = [v for v in (self.longest_prompt_tokens, other.longest_prompt_tokens) if v is not None]
+        self.shortest_prompt_tokens = min(lows, default=None)
+        self.longest_prompt_tokens = max(highs, default=None)
         self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "bad_rows": self.bad_rows,
+            "too_long": self.too_long,
+            "shortest_prompt_tokens": self.shortest_prompt_tokens,
+            "longest_prompt_tokens": self.longest_prompt_tokens,
+        }
 
 
 def _text(value: Any, what: str) -> str:
@@ -242,8 +260,8 @@ def encode_prompts(
     encode: Callable[[str], list[int]] | None = None,
 ) -> list[EncodedPrompt]:
     """Render and tokenize every problem, dropping (and counting in ``stats.too_long``) those longer than
-    ``max_prompt_tokens``. ``encode`` defaults to ``tokenizer.encode(text, add_special_tokens=False)``
-    (the template already holds the special tokens)."""
+    ``max_prompt_tokens``; ``stats`` also gets the shortest and longest prompt's tokens. ``encode`` defaults
+    to ``tokenizer.encode(text, add_special_tokens=False)`` (the template already holds the special tokens)."""
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     if encode is None:
@@ -251,11 +269,14 @@ def encode_prompts(
         def encode(text: str) -> list[int]:
             return list(tokenizer.encode(text, add_special_tokens=False))
 
+    bos = bos_prefix(tokenizer) if template == "orz" else None
     out: list[EncodedPrompt] = []
     dropped = 0
+    lengths = []
     for problem in problems:
-        text = render_prompt(problem.prompt, template, tokenizer)
+        text = render_prompt(problem.prompt, template, tokenizer, bos=bos)
         ids = encode(text)
+        lengths.append(len(ids))
         if len(ids) > max_prompt_tokens:
             dropped += 1
             continue
@@ -263,4 +284,6 @@ def encode_prompts(
     if stats is not None:
         stats.too_long += dropped
         stats.kept = len(out)
+        if lengths:
+            stats.merge(LoadStats(shortest_prompt_tokens=min(lengths), longest_prompt_tokens=max(lengths)))
     return out

@@ -29,8 +29,22 @@ Template = Literal["orz", "chat", "plain"]
 
 
 def render_orz(problem: str, *, bos_token: str | None = None) -> str:
-    """ORZ's prompt for ``problem``, preceded by ``bos_token`` when the tokenizer has one."""
+    """ORZ's prompt for ``problem``, preceded by ``bos_token`` when given (see :func:`bos_prefix`)."""
     return (bos_token or "") + ORZ_PROMPT_TEMPLATE.format(prompt=problem)
+
+
+def bos_prefix(tokenizer: Any) -> str:
+    """The BOS token's text when the tokenizer itself starts plain text with it (``encode(text,
+    add_special_tokens=True)`` begins with ``bos_token_id``, as Llama's tokenizers do), else ``""``.
+
+    A BOS token the tokenizer never adds on its own is left out: the model was not trained to see it
+    before plain text, and it may be a chat token (SmolLM2's ``bos_token`` is ``<|im_start|>``, which
+    opens a chat turn that ORZ's template would never close). Qwen2.5 has no BOS token at all."""
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = list(tokenizer.encode("a", add_special_tokens=True))
+    return bos if ids and ids[0] == bos_id else ""
 
 
 def render_chat(problem: str, tokenizer: Any) -> str:
@@ -44,11 +58,12 @@ def render_chat(problem: str, tokenizer: Any) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def render_prompt(problem: str, template: Template, tokenizer: Any = None) -> str:
+def render_prompt(problem: str, template: Template, tokenizer: Any = None, *, bos: str | None = None) -> str:
     """Render ``problem`` with ``template`` (``"orz"``, ``"chat"`` or ``"plain"``); the result is tokenized
-    without adding special tokens again."""
+    without adding special tokens again. ``bos``: the ``orz`` template's prefix, when the caller computed
+    :func:`bos_prefix` once for many prompts (default: computed here)."""
     if template == "orz":
-        return render_orz(problem, bos_token=getattr(tokenizer, "bos_token", None))
+        return render_orz(problem, bos_token=bos_prefix(tokenizer) if bos is None else bos)
     if template == "chat":
         return render_chat(problem, tokenizer)
     if template == "plain":

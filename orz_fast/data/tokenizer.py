@@ -7,6 +7,9 @@ from typing import Any
 
 from orz_fast.data.char_tokenizer import CharTokenizer
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files of which a Hugging Face directory holds at least one when it carries a tokenizer."""
+
 
 def load_tokenizer(spec: str) -> Any:
     """``char``: the character tokenizer of random-weight runs; else a Hugging Face directory or a ``.gguf``."""
@@ -17,6 +20,11 @@ def load_tokenizer(spec: str) -> Any:
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer not found: {path}")
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); give the tokenizer's "
+            "directory or .gguf file, or 'char' for a model trained with the character tokenizer"
+        )
     try:
         if path.suffix == ".gguf":
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -20,6 +20,7 @@ exported tensor has the checkpoint's ``vocab_size`` rows.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import os
 import zlib
@@ -318,11 +319,71 @@ def _model_class(role: Role) -> type[DecoderStage]:
     return PolicyModel if role == "policy" else CriticModel
 
 
+@functools.cache
+def _dequantisable(qtype: int) -> bool:
+    """Whether ``gguf.dequantize`` (what transformers' GGUF reader calls per tensor) handles this GGML type:
+    tried on one block of zeros."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
+
+    _, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), GGMLQuantizationType(qtype))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the file, the first such tensor and its type when a GGUF file holds a
+    quantisation type transformers cannot dequantise; reads the header only (no weights)."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    for tensor in reader.tensors:
+        if not _dequantisable(int(tensor.tensor_type)):
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} is quantised as {tensor.tensor_type.name}, which transformers "
+                "cannot dequantise (its GGUF reader handles F32, F16, BF16, Q4_0 ... Q8_0, the K and IQ types); "
+                "convert the file to a supported type, e.g. with llama.cpp's llama-quantize"
+            )
+
+
+def check_checkpoint(path: str | os.PathLike | None, setting: str = "model.path") -> None:
+    """Raise naming ``setting`` and the file when ``path`` cannot be loaded, before any weights are read: a
+    missing path, a directory without config.json or safetensors weights, a GGUF file with a type transformers
+    cannot dequantise (:func:`check_gguf`). ``None`` (a random-weight model) passes."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        kind = "GGUF file" if p.suffix == ".gguf" else "Hugging Face directory"
+        raise CheckpointError(f"{setting}={str(path)!r}: no such {kind}")
+    try:
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise CheckpointError(f"{p}: not a file")
+            check_gguf(p)
+            return
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: neither a Hugging Face directory nor a .gguf file")
+        _read_hf_config(p)
+        if not (p / "model.safetensors").is_file() and not (p / "model.safetensors.index.json").is_file():
+            raise CheckpointError(f"{p}: no model.safetensors or model.safetensors.index.json")
+    except CheckpointError as e:
+        raise CheckpointError(f"{setting}: {e}") from e
+
+
 def _gguf_config_and_tensors(path: Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
     """Config and dequantised tensors of a GGUF file, through transformers' GGUF reader (whole file in memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    check_gguf(path)
     hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     ModelSpec.from_hf_config(hf_config.to_dict())  # reject an unsupported architecture before dequantising
     with torch.device("meta"):

@@ -27,10 +27,18 @@ class BadSampleError(ValueError):
     """A sample of the step that training cannot take; the message names it and the value."""
 
 
-def check_samples(table: SampleTable, *, max_tokens: int, micro_batch_tokens: int, dataset_rows: Sequence[int]) -> None:
+def check_samples(
+    table: SampleTable,
+    *,
+    max_tokens: int,
+    micro_batch_tokens: int,
+    dataset_rows: Sequence[int],
+    prompt_set: str = "training-set",
+) -> None:
     """Raise :class:`BadSampleError` for the first sample (prompt slot, then sample number) with a non-finite
     score, an empty response, more than ``max_tokens`` response tokens, or more input tokens than one
-    micro-batch holds. ``dataset_rows[slot]`` is the training-set row of each prompt slot."""
+    micro-batch holds. ``dataset_rows[slot]`` is the row of each prompt slot in its prompt set, named
+    ``prompt_set`` in the message (the training set, or the annealing stage's)."""
     checks = [
         (~np.isfinite(table.score), lambda k: f"has score {table.score[k]} (not a finite number)"),
         (table.response_len == 0, lambda k: "has an empty response"),
@@ -53,7 +61,7 @@ def check_samples(table: SampleTable, *, max_tokens: int, micro_batch_tokens: in
             k = int(hits[0])
             slot, sample = int(table.slot[k]), int(table.sample[k])
             raise BadSampleError(
-                f"sample {sample} of prompt {slot} (training-set row {dataset_rows[slot]}) {describe(k)}"
+                f"sample {sample} of prompt {slot} ({prompt_set} row {dataset_rows[slot]}) {describe(k)}"
             )
 
 

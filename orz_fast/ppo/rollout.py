@@ -1,9 +1,12 @@
-"""The rollout side of a step: the engine, the training prompts, the sampler and the reward.
+"""The rollout side of a step: the engine, the prompt sets and their samplers, and the reward.
 
-:meth:`Rollout.generate` takes the step's prompts from the seeded sampler, generates this rollout
+:meth:`Rollout.generate` takes the step's prompts from the seeded sampler of the step's stage (the
+training set, or the annealing stage's prompts once ``train.steps`` are done), generates this rollout
 rank's share (the native engine: each data-parallel replica, with the policy's own tensors; vLLM:
 every rank, after the new weights are pushed), scores it (a truncated response scores 0) and
-returns it as an :class:`~orz_fast.ppo.experience.Experience` on the compute device.
+returns it as an :class:`~orz_fast.ppo.experience.Experience` on the compute device. What the
+trainer records of the step besides (its collapse signals, a sample of responses) is left in
+:attr:`Rollout.last`.
 """
 
 from __future__ import annotations
@@ -11,29 +14,54 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from orz_fast.config import Config
-from orz_fast.data import encode_prompts, load_problems
+from orz_fast.data import EncodedPrompt
 from orz_fast.eval import evaluate
 from orz_fast.parallel import collectives
 from orz_fast.ppo.experience import Experience, from_completions, step_prompts
+from orz_fast.ppo.records import answer_stats
 from orz_fast.ppo.schedule import PromptSampler
-from orz_fast.reward import RewardScorer
+from orz_fast.reward import RewardScorer, extract_answer
 from orz_fast.rollout import NativeEngine, SamplingParams, VllmEngine
 from orz_fast.rollout.kv_budget import kv_cache_bytes
 from orz_fast.rollout.vllm_model_dir import write_vllm_model_dir
 
 
+@dataclass
+class StepRecord:
+    """What :meth:`Rollout.generate` leaves for the trainer's records of a step."""
+
+    stage: str
+    """``train`` or ``anneal``: which prompt set the step drew from."""
+    rows: list[int]
+    """The prompt-set row of each prompt slot."""
+    metrics: dict[str, float]
+    """The collapse signals (:func:`~orz_fast.ppo.records.answer_stats`), the same on every rank."""
+    top_answers: list[tuple[str, int]]
+    """The step's most common extracted answers and their counts."""
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """Responses for ``samples.jsonl`` (only on steps that write one, on rollout rank 0)."""
+
+
 class Rollout:
-    """Engine, prompts, sampler and scorer of a run.
+    """Engine, prompt sets, samplers and scorer of a run.
+
+    Args:
+        prompts: the training set; anneal_prompts: the annealing stage's (``None`` without the stage).
 
     Attributes:
         group: the rollout group (the ranks whose generations make up the step; None: this rank alone).
         dp_ranks: the data-parallel rank of every member of ``group`` (who trains on what it generated).
+        sampler, anneal_sampler: the seeded samplers over ``prompts`` and ``anneal_prompts``; their
+            positions are checkpointed.
+        last: the :class:`StepRecord` of the latest :meth:`generate`.
     """
 
     def __init__(
@@ -46,6 +74,8 @@ class Rollout:
         dp_rank: int,
         dp_size: int,
         dp_group: collectives.Group,
+        prompts: list[EncodedPrompt],
+        anneal_prompts: list[EncodedPrompt] | None = None,
     ) -> None:
         self.cfg, self.policy, self.tokenizer, self.device = cfg, policy, tokenizer, device
         if cfg.rollout.engine == "vllm":
@@ -60,16 +90,12 @@ class Rollout:
         mine = torch.tensor([dp_rank], device=collectives.device(self.group))
         self.dp_ranks = [int(t) for t in collectives.all_gather_varlen(mine, self.group)]
 
-        problems, self.data_stats = load_problems(cfg.data, seed=cfg.train.seed)
-        self.prompts = encode_prompts(
-            problems,
-            tokenizer,
-            template=cfg.data.template,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            stats=self.data_stats,
-        )
-        self.sampler = PromptSampler(len(self.prompts), cfg.train.seed)
+        self.prompts, self.anneal_prompts = prompts, anneal_prompts
+        self.sampler = PromptSampler(len(prompts), cfg.train.seed)
+        # A seed of its own: the stage's order does not depend on how many training prompts were drawn.
+        self.anneal_sampler = PromptSampler(len(anneal_prompts), cfg.train.seed + 1) if anneal_prompts else None
         self.scorer = RewardScorer(mode=cfg.reward.mode, timeout=cfg.reward.timeout, workers=cfg.reward.workers)
+        self.last: StepRecord | None = None
 
     def _build_vllm_engine(self) -> VllmEngine:
         """This rank's vLLM engine, serving the policy's architecture (weights come from the pushes)."""
@@ -100,10 +126,21 @@ class Rollout:
         if isinstance(self.engine, VllmEngine):
             self.engine.shutdown()
 
+    def stage(self, step: int) -> str:
+        """``anneal`` for the steps after ``train.steps`` when the annealing stage is on, else ``train``."""
+        return "anneal" if self.anneal_sampler is not None and step >= self.cfg.train.steps else "train"
+
+    def prompt_set(self, stage: str) -> tuple[list[EncodedPrompt], PromptSampler]:
+        """The prompts and the sampler of ``stage``."""
+        return (self.anneal_prompts, self.anneal_sampler) if stage == "anneal" else (self.prompts, self.sampler)
+
     def generate(self, step: int) -> Experience:
-        """Generate and score this rollout rank's share of step ``step``'s prompts."""
+        """Generate and score this rollout rank's share of step ``step``'s prompts (0-based step), drawn from the
+        step's stage's prompt set; :attr:`last` gets the step's record."""
         r = self.cfg.rollout
-        chosen = self.sampler.take(r.prompts_per_step)
+        stage = self.stage(step)
+        prompt_set, sampler = self.prompt_set(stage)
+        chosen = sampler.take(r.prompts_per_step)
         mine = list(range(self.rank, len(chosen), self.size))
         n = r.samples_per_prompt
         stop_ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -122,15 +159,53 @@ class Rollout:
             for g in mine
         ]
         with self.engine_ready():
-            outputs = self.engine.generate([self.prompts[chosen[g]].token_ids for g in mine], params)
+            outputs = self.engine.generate([prompt_set[chosen[g]].token_ids for g in mine], params)
         texts = [c.text for group in outputs for c in group]
         reasons = [c.finish_reason for group in outputs for c in group]
-        answers = [
-            self.prompts[chosen[g]].problem.answer for g, group in zip(mine, outputs, strict=True) for _ in group
-        ]
-        scores = self.scorer.score_batch(texts, answers, finish_reasons=reasons)
-        tokens, offsets = step_prompts([self.prompts[i].token_ids for i in chosen], self.device)
+        truths = [prompt_set[chosen[g]].problem.answer for g, group in zip(mine, outputs, strict=True) for _ in group]
+        scores = self.scorer.score_batch(texts, truths, finish_reasons=reasons)
+        answers = [extract_answer(t) if t is not None else None for t in texts]
+        groups = [[c.text if c.text is not None else c.token_ids for c in group] for group in outputs]
+        metrics, top = answer_stats(groups, answers, self.group)
+        self.last = StepRecord(stage, chosen, metrics, top)
+        every = self.cfg.logging.samples_every
+        if self.rank == 0 and every and (step + 1) % every == 0:
+            self.last.samples = self._sample_responses(
+                [prompt_set[chosen[g]] for g in mine], outputs, [chosen[g] for g in mine], scores, answers
+            )
+        tokens, offsets = step_prompts([prompt_set[i].token_ids for i in chosen], self.device)
         return from_completions(outputs, mine, tokens, offsets, scores, prompt_rows=chosen)
+
+    def _sample_responses(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        outputs: Sequence[Sequence],
+        rows: Sequence[int],
+        scores: Sequence[float],
+        answers: Sequence[str | None],
+    ) -> list[dict[str, Any]]:
+        """``logging.samples_shown`` of this rank's responses, the first sample of each prompt first."""
+        n = self.cfg.rollout.samples_per_prompt
+        picks = [(g, j) for j in range(n) for g in range(len(prompts))][: self.cfg.logging.samples_shown]
+        out = []
+        for g, j in picks:
+            c, k = outputs[g][j], g * n + j
+            out.append(
+                {
+                    "row": rows[g],
+                    "source": prompts[g].problem.source,
+                    "index": prompts[g].problem.index,
+                    "sample": j,
+                    "problem": prompts[g].problem.prompt,
+                    "ground_truth": prompts[g].problem.answer,
+                    "response": c.text if c.text is not None else self.tokenizer.decode(c.token_ids),
+                    "answer": answers[k],
+                    "score": float(scores[k]),
+                    "response_tokens": len(c.token_ids),
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return out
 
     @contextlib.contextmanager
     def engine_ready(self) -> Iterator[None]:

@@ -17,6 +17,15 @@ identical data):
    ``critic_updates_per_step`` critic steps over shuffled mini-batches (:mod:`orz_fast.ppo.update`).
 
 A step whose gradient norm is NaN or inf is skipped (weights and moments untouched) and logged.
+
+With ``optim.anneal.enabled`` the run goes on for ``optim.anneal.steps`` steps after ``train.steps``,
+drawing every prompt from ``optim.anneal.data`` with the policy lr decaying linearly to
+``optim.anneal.final_policy_lr``. Every step appends its prompts' scores to ``rollouts.jsonl`` (and
+every ``logging.samples_every`` steps a sample of responses to ``samples.jsonl``: :mod:`orz_fast.ppo.records`).
+
+Everything a run reads is checked before any model is built: the checkpoint files (``model.path``,
+``model.critic_path``), the tokenizer (an EOS token; every stop string encodable), and the prompt sets
+(:func:`orz_fast.data.load_prompt_set`), so a bad input fails in seconds with the file or setting named.
 """
 
 from __future__ import annotations
@@ -33,23 +42,27 @@ import torch.distributed as dist
 
 from orz_fast import parallel
 from orz_fast.config import Config
+from orz_fast.data import load_prompt_set
+from orz_fast.data.char_tokenizer import CharTokenizer
 from orz_fast.data.tokenizer import load_tokenizer
 from orz_fast.eval import load_eval_set
 from orz_fast.metrics import MetricsLogger
 from orz_fast.models import ModelSpec, save_pretrained
-from orz_fast.models.checkpoint import model_from_config
+from orz_fast.models.checkpoint import check_checkpoint, model_from_config
 from orz_fast.ppo.advantages import compute_advantages
 from orz_fast.ppo.balance import balance, check_samples
 from orz_fast.ppo.checkpointing import CheckpointManager, rng_state, set_rng_state
 from orz_fast.ppo.experience import Experience
 from orz_fast.ppo.optim import ShardedAdamW
+from orz_fast.ppo.records import RolloutLog, format_sample
 from orz_fast.ppo.rollout import Rollout
 from orz_fast.ppo.schedule import PromptSampler, copy_trunk, lr_at, peak_memory_gb
 from orz_fast.ppo.update import Updater
 from orz_fast.ppo.warmup import format_warmup
 from orz_fast.rollout.vllm_engine import check_vllm_can_serve
+from orz_fast.rollout.vllm_model_dir import char_tokenizer_as_hf
 
-__all__ = ["PromptSampler", "Trainer", "check_layout", "lr_at", "model_spec"]
+__all__ = ["PromptSampler", "Trainer", "check_layout", "check_tokenizer", "lr_at", "model_spec"]
 
 
 def model_spec(cfg: Config) -> ModelSpec:
@@ -87,6 +100,25 @@ def check_layout(cfg: Config, world_size: int) -> None:
     model_spec(cfg).check_layout(tp, pp)
 
 
+def check_tokenizer(cfg: Config, tokenizer: Any) -> None:
+    """Reject a tokenizer the rollout cannot stop with: no EOS token, or a stop string (``rollout.stop``) that it
+    encodes to nothing or to its unknown token (such a string never appears in decoded text)."""
+    where = cfg.model.path or "the character tokenizer"
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            f"the tokenizer of {where} has no EOS token: responses could only end by a stop string or "
+            f"rollout.max_tokens; give a tokenizer with an eos_token"
+        )
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for stop in cfg.rollout.stop:
+        ids = list(tokenizer.encode(stop, add_special_tokens=False))
+        if not ids or (unk is not None and unk in ids):
+            raise ValueError(
+                f"rollout.stop: the tokenizer of {where} cannot encode the stop string {stop!r} "
+                f"(it gives {ids}{', with the unknown token' if ids else ''}), so it could never be matched"
+            )
+
+
 class Trainer:
     """Builds the models, engine, optimizers and data from a :class:`Config` and runs the PPO loop."""
 
@@ -94,6 +126,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        check_checkpoint(cfg.model.path, "model.path")
+        check_checkpoint(cfg.model.critic_path, "model.critic_path")
         check_layout(cfg, world)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -107,12 +141,27 @@ class Trainer:
 
         # Random-weight models (no model.path) use the character tokenizer.
         self.tokenizer = load_tokenizer(cfg.model.path or "char")
-        self.policy = model_from_config(cfg.model, role="policy", seed=cfg.train.seed)
-        self.critic = model_from_config(cfg.model, role="critic", seed=cfg.train.seed + 1)
-        self.device = next(self.policy.parameters()).device
-        vocab = self.policy.spec.vocab_size
+        check_tokenizer(cfg, self.tokenizer)
+        vocab = model_spec(cfg).vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}")
+        # The prompt sets and eval sets are read before any model: a bad file fails in seconds.
+        prompts, train_stats = load_prompt_set(cfg.data, self.tokenizer, seed=cfg.train.seed)
+        self.data_stats = {"train": train_stats}
+        anneal, anneal_prompts = cfg.optim.anneal, None
+        if anneal.enabled:
+            anneal_prompts, self.data_stats["anneal"] = load_prompt_set(
+                cfg.data, self.tokenizer, files=anneal.data, setting="optim.anneal.data"
+            )
+        if self.is_logger:
+            self._print_data_stats()
+        self.eval_sets = [load_eval_set(d, limit=cfg.eval.limit) for d in cfg.eval.data] if cfg.eval.every else []
+
+        self.policy = model_from_config(cfg.model, role="policy", seed=cfg.train.seed)
+        # GRPO needs no critic: none is built, none is trained, none is checkpointed.
+        gae = cfg.ppo.advantage == "gae"
+        self.critic = model_from_config(cfg.model, role="critic", seed=cfg.train.seed + 1) if gae else None
+        self.device = next(self.policy.parameters()).device
         self.rollouts = Rollout(
             cfg,
             self.policy,
@@ -121,10 +170,10 @@ class Trainer:
             dp_rank=self.dp_rank,
             dp_size=self.dp,
             dp_group=self.dp_group,
+            prompts=prompts,
+            anneal_prompts=anneal_prompts,
         )
         self.prompts, self.scorer = self.rollouts.prompts, self.rollouts.scorer
-        # Loaded up front so a missing eval set fails before any training.
-        self.eval_sets = [load_eval_set(d, limit=cfg.eval.limit) for d in cfg.eval.data] if cfg.eval.every else []
 
         self.ckpt = CheckpointManager(
             self.out, keep=cfg.ckpt.keep, rank=self.rank, world_size=dist.get_world_size(), barrier=dist.barrier
@@ -145,10 +194,11 @@ class Trainer:
                     tp_group=self.tp_group,
                 )
             # As in ORZ, where both start from the same base model: the critic's trunk is the policy's.
-            copy_trunk(self.policy, self.critic)
+            if self.critic is not None:
+                copy_trunk(self.policy, self.critic)
         # Built after the warm-up, so the fp32 master weights start from the warmed-up parameters.
         self.policy_opt = self._optimizer(self.policy, cfg.optim.policy_lr)
-        self.critic_opt = self._optimizer(self.critic, cfg.optim.critic_lr)
+        self.critic_opt = self._optimizer(self.critic, cfg.optim.critic_lr) if self.critic is not None else None
         self.update = Updater(
             cfg,
             self.policy,
@@ -167,9 +217,24 @@ class Trainer:
             config=cfg.to_dict(),
             enabled=self.is_logger,
         )
+        self.records = RolloutLog(self.out, resume_step=resume_step, enabled=self.is_logger)
         if self.is_logger:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            stats = {k: v.to_json() for k, v in self.data_stats.items()}
+            (self.out / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+    def _print_data_stats(self) -> None:
+        """One line per prompt set at start: what was kept, dropped for length and skipped as malformed."""
+        d = self.cfg.data
+        for name, st in self.data_stats.items():
+            print(
+                f"orz_fast.train: {name} prompts: {st.kept} of {st.rows} rows kept; {st.too_long} dropped as longer "
+                f"than data.max_prompt_tokens={d.max_prompt_tokens} (prompts have {st.shortest_prompt_tokens} to "
+                f"{st.longest_prompt_tokens} tokens with the {d.template!r} template); {st.bad_rows} malformed rows "
+                "skipped",
+                flush=True,
+            )
 
     def _optimizer(self, model: torch.nn.Module, lr: float) -> ShardedAdamW:
         o = self.cfg.optim
@@ -190,15 +255,18 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _state(self) -> dict[str, Any]:
-        return {
+        state = {
             "policy": self.policy.state_dict(),
-            "critic": self.critic.state_dict(),
             "policy_opt": self.policy_opt.state_dict(),
-            "critic_opt": self.critic_opt.state_dict(),
             "rng": rng_state(),
             "sampler_position": self.rollouts.sampler.position,
             "step": self.step,
         }
+        if self.critic is not None:
+            state |= {"critic": self.critic.state_dict(), "critic_opt": self.critic_opt.state_dict()}
+        if self.rollouts.anneal_sampler is not None:
+            state["anneal_sampler_position"] = self.rollouts.anneal_sampler.position
+        return state
 
     def save_checkpoint(self) -> None:
         self.ckpt.save(self.step, self._state(), {"config": self.cfg.to_dict()})
@@ -206,11 +274,19 @@ class Trainer:
     def _restore(self) -> int:
         state, meta = self.ckpt.load()
         self.policy.load_state_dict(state["policy"])
-        self.critic.load_state_dict(state["critic"])
         self.policy_opt.load_state_dict(state["policy_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        if self.critic is not None:
+            if "critic" not in state:
+                raise ValueError(
+                    f"{self.ckpt.latest()[1]}: this checkpoint has no critic (a GRPO run): it cannot resume with "
+                    "ppo.advantage=gae"
+                )
+            self.critic.load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
         set_rng_state(state["rng"])
         self.rollouts.sampler.position = int(state["sampler_position"])
+        if self.rollouts.anneal_sampler is not None:
+            self.rollouts.anneal_sampler.position = int(state.get("anneal_sampler_position", 0))
         self.step = int(state["step"])
         return self.step
 
@@ -226,11 +302,12 @@ class Trainer:
         cfg, step = self.cfg, self.step
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.policy_opt.offload()
-        self.critic_opt.offload()
+        optimizers = [o for o in (self.policy_opt, self.critic_opt) if o is not None]
+        for opt in optimizers:
+            opt.offload()
         local = self.rollout()
-        self.policy_opt.onload()
-        self.critic_opt.onload()
+        for opt in optimizers:
+            opt.onload()
         timings["time_rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -240,12 +317,13 @@ class Trainer:
             max_tokens=cfg.rollout.max_tokens,
             micro_batch_tokens=cfg.ppo.micro_batch_tokens,
             dataset_rows=local.prompt_rows,
+            prompt_set="annealing-set" if self.rollouts.last.stage == "anneal" else "training-set",
         )
         exp, table = balance(
             local, group=r.group, dest_dp=r.dp_ranks, dp_size=self.dp, dp_rank=self.dp_rank, check=check
         )
         del local
-        if cfg.ppo.advantage == "gae":
+        if self.critic is not None:
             exp.values = self.update.critic_values(exp)
         compute_advantages(exp, table, cfg.ppo, self.dp_group)
         timings["time_prepare"] = time.perf_counter() - t0
@@ -258,7 +336,7 @@ class Trainer:
         metrics = self.update.update_policy(exp, policy_lr, step=step)
         timings["time_policy"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if cfg.ppo.advantage == "gae":
+        if self.critic is not None:
             metrics |= self.update.update_critic(exp, critic_lr, step=step)
         timings["time_critic"] = time.perf_counter() - t0
 
@@ -267,11 +345,18 @@ class Trainer:
         metrics |= {k: v for k, v in summary.items() if not k.endswith("_tokens")}
         metrics |= {
             "policy_lr": policy_lr,
-            "critic_lr": critic_lr,
             "generated_tokens_per_s": summary["generated_tokens"] / max(timings["time_rollout"], 1e-9),
             "trained_tokens_per_s": summary["trained_tokens"] / train_s,
             **timings,
         }
+        if self.critic is not None:
+            metrics["critic_lr"] = critic_lr
+        record = self.rollouts.last
+        metrics |= record.metrics
+        prompts, _ = self.rollouts.prompt_set(record.stage)
+        self.records.record_step(step + 1, record.stage, table, prompts, record.rows)
+        if record.samples:
+            self.records.record_samples(step + 1, record.stage, record.samples, record.top_answers)
         return metrics | peak_memory_gb()
 
     def evaluate(self) -> dict[str, float]:
@@ -279,8 +364,19 @@ class Trainer:
         out_dir = self.out / "eval" / f"step-{self.step:08d}" if self.is_logger else None
         return self.rollouts.evaluate(self.eval_sets, step=self.step, out_dir=out_dir)
 
+    def export_hf(self, path: Path) -> None:
+        """The policy as a Hugging Face directory, with its tokenizer (``python -m orz_fast.eval --model PATH``
+        reads both); the character tokenizer is written as its Hugging Face equivalent."""
+        save_pretrained(self.policy, path)
+        if self.is_logger:
+            tokenizer = self.tokenizer
+            if isinstance(tokenizer, CharTokenizer):
+                tokenizer = char_tokenizer_as_hf(tokenizer, self.policy.spec.vocab_size)
+            tokenizer.save_pretrained(str(path))
+
     def run(self) -> None:
-        """Train until ``train.steps`` (plus the annealing stage), checkpointing every ``ckpt.every`` steps."""
+        """Train until ``train.steps`` (plus the annealing stage), checkpointing every ``ckpt.every`` steps and after
+        the last (unless ``ckpt.every`` is 0), then export the policy to ``policy_hf/``."""
         cfg = self.cfg
         total = cfg.train.steps + (cfg.optim.anneal.steps if cfg.optim.anneal.enabled else 0)
         bar = None
@@ -296,19 +392,29 @@ class Trainer:
                     metrics |= self.evaluate()
                 self.metrics.log(self.step, metrics)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        reward=f"{metrics['reward_mean']:.3f}", len=f"{metrics['response_length_mean']:.0f}"
-                    )
+                    self._show_progress(bar, metrics)
                 if cfg.ckpt.every and self.step % cfg.ckpt.every == 0:
                     self.save_checkpoint()
                 if cfg.ckpt.export_hf_every and self.step % cfg.ckpt.export_hf_every == 0:
-                    save_pretrained(self.policy, self.out / f"policy_hf-step-{self.step:08d}")
-            if not (cfg.ckpt.every and self.step % cfg.ckpt.every == 0):
+                    self.export_hf(self.out / f"policy_hf-step-{self.step:08d}")
+            if cfg.ckpt.every and self.step % cfg.ckpt.every != 0:
                 self.save_checkpoint()
-            save_pretrained(self.policy, self.out / "policy_hf")
+            self.export_hf(self.out / "policy_hf")
         finally:
             if bar is not None:
                 bar.close()
             self.metrics.close()
             self.rollouts.close()
+
+    def _show_progress(self, bar, metrics: dict[str, Any]) -> None:
+        """The bar's figures, and on steps that sampled responses one of them and the most common answers."""
+        bar.update(1)
+        bar.set_postfix(
+            reward=f"{metrics['reward_mean']:.3f}",
+            len=f"{metrics['response_length_mean']:.0f}",
+            top=f"{metrics['rollout/top_answer_share']:.2f}",
+            stage=self.rollouts.last.stage,
+        )
+        record = self.rollouts.last
+        if record.samples:
+            bar.write(format_sample(self.step, record.samples[0], record.top_answers))

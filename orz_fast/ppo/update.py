@@ -33,6 +33,19 @@ VALUE_STATS = (
 )
 
 
+def explained_variance(sums: dict[str, float], tokens: float) -> float:
+    """``1 - Var(R - V) / Var(R)`` over the step's tokens from the value loss's sums; 0 (never NaN) when the
+    returns do not vary beyond float32 rounding, e.g. when every reward of the step is equal (as the value
+    loss's own statistic is 0 when Var(R) is 0)."""
+    mean_r = sums["returns_sum"] / tokens
+    var_r = sums["returns_sq_sum"] / tokens - mean_r**2
+    var_e = sums["error_sq_sum"] / tokens - (sums["error_sum"] / tokens) ** 2
+    # GAE's returns are A + V in float32: equal rewards give returns equal only up to a few ulps.
+    if var_r <= 1e-12 * max(1.0, mean_r**2):
+        return 0.0
+    return 1.0 - var_e / var_r
+
+
 class Updater:
     """Forward-only passes and optimizer steps of the policy and the critic over an experience."""
 
@@ -253,12 +266,10 @@ class Updater:
             self.critic, self.critic_opt, exp, chunks, per_action, self.value_loss_fn, VALUE_STATS, lr, targets=False
         )
         tokens = max(out["tokens"], 1.0)
-        var_r = out["returns_sq_sum"] / tokens - (out["returns_sum"] / tokens) ** 2
-        var_e = out["error_sq_sum"] / tokens - (out["error_sum"] / tokens) ** 2
         return {
             "value_loss": out["value_loss_sum"] / tokens,
             "value_clipfrac": out["value_clipfrac_sum"] / tokens,
-            "explained_variance": 1.0 - var_e / var_r if var_r > 1e-12 else float("nan"),
+            "explained_variance": explained_variance(out, tokens),
             "critic_grad_norm": norm,
             "critic_steps_skipped": skipped,
         }
