@@ -5,8 +5,8 @@ Builds the ``tiny`` preset's trainer, wraps every torch.distributed communicatio
 ``train_step`` and writes ``OUT/collectives.json`` (rank 0): the number of calls and those whose
 caller -- the first frame outside torch -- is neither ``orz_fast/parallel/collectives.py``, nor
 megatron-core (whose pipeline p2p allocates its own buffers on the right device), nor the native
-rollout engine decoding across pipeline stages (its activations and samples live on the model's
-device). ``isend`` and
+rollout engine (``rollout/native.py`` and its model runner, ``rollout/model_runner.py``) decoding across
+pipeline stages (its activations and samples live on the model's device). ``isend`` and
 ``irecv`` stay unwrapped: ``P2POp`` checks their identity (megatron-core's p2p goes through
 ``batch_isend_irecv``, which is recorded).
 """
@@ -47,7 +47,7 @@ WRAPPED = (
     "batch_isend_irecv",
     "barrier",
 )
-ALLOWED = ("orz_fast/parallel/collectives.py", "/megatron/", "orz_fast/rollout/native.py")
+ALLOWED = ("orz_fast/parallel/collectives.py", "/megatron/", "orz_fast/rollout/native.py", "orz_fast/rollout/model_runner.py")
 
 
 def caller() -> str:
