@@ -338,11 +338,10 @@ class Updater:
         over the data-parallel group: one sum and one max all-reduce."""
         mask = torch.ones_like(exp.logprobs, dtype=torch.float64)
         local = rollout_gap_sums(trainer_logprobs.double(), exp.logprobs.double(), mask)
-        sums = torch.stack([local[0], mask.sum()])
-        sums = collectives.all_reduce(sums, self.dp_group)
+        sums = collectives.all_reduce(torch.stack([local[0], mask.sum()]), self.dp_group)
         maxes = collectives.all_reduce(local[1:].clone(), self.dp_group, "max")
-        diff_sum, tokens = sums.tolist()  # host read: one per step, the metrics need it
-        return gap_metrics(diff_sum, *maxes.tolist(), tokens)
+        diff_sum, tokens, diff_max, ratio_max = torch.cat([sums, maxes]).tolist()  # host read: one per step
+        return gap_metrics(diff_sum, diff_max, ratio_max, tokens)
 
     def update_critic(self, exp: Experience, lr: float, *, step: int) -> dict[str, float]:
         """``critic_updates_per_step`` optimizer steps over shuffled mini-batches."""
