@@ -108,6 +108,14 @@ class PPOConfig:
     """``batch``: whiten advantages over all response tokens of the step (ORZ)."""
     policy_updates_per_step: int = 1
     """Policy optimizer steps per rollout; 1 is strictly on-policy (old log-probs need no recompute)."""
+    rollout_correction: Literal["none", "tis", "recompute"] | None = None
+    """How the loss treats the rollout's sampling log-probs π_rollout. ``none``: PPO ratio π_θ / π_rollout.
+    ``recompute``: ratio π_θ / π_old with the trainer's own old log-probs (one update per step: the same
+    forward's, detached, so no extra pass). ``tis``: as ``recompute``, each token's term weighted by
+    min(π_old / π_rollout, ``tis_cap``) (truncated importance sampling). Unset: ``none`` for the native engine
+    (its log-probs are the trainer's), ``tis`` for ``rollout.engine=vllm``; resolved when the config is."""
+    tis_cap: float = 2.0
+    """Truncation C of the ``tis`` importance weights min(π_old / π_rollout, C)."""
     critic_updates_per_step: int = 12
     """Critic optimizer steps (shuffled mini-batches) per rollout."""
     micro_batch_tokens: int = 16384
@@ -418,6 +426,12 @@ def preset(name: str) -> Config:
 
 
 def _type_name(tp: Any) -> str:
+    """``tp`` as an error message names it: ``one of ['none', 'tis', 'recompute'] or null`` for an optional choice."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arm is type(None) else _type_name(arm) for arm in typing.get_args(tp))
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -525,8 +539,14 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+ROLLOUT_CORRECTIONS = typing.get_args(typing.get_args(typing.get_type_hints(PPOConfig)["rollout_correction"])[0])
+
+
 def validate(cfg: Config) -> Config:
-    """Check value ranges; raises :class:`ConfigError` naming the first bad key and its value."""
+    """Check value ranges; raises :class:`ConfigError` naming the first bad key and its value. Resolves the
+    settings whose default depends on others (``ppo.rollout_correction`` from ``rollout.engine``)."""
+    if cfg.ppo.rollout_correction is None:
+        cfg.ppo.rollout_correction = "tis" if cfg.rollout.engine == "vllm" else "none"
     positive_ints = {
         "parallel.tp": cfg.parallel.tp,
         "parallel.pp": cfg.parallel.pp,
@@ -597,6 +617,14 @@ def validate(cfg: Config) -> Config:
     if p.clip_eps_high is not None:
         finite("ppo.clip_eps_high", p.clip_eps_high)
         _require(p.clip_eps_high > 0, "ppo.clip_eps_high", p.clip_eps_high, "must be > 0")
+    _require(
+        p.rollout_correction in ROLLOUT_CORRECTIONS,
+        "ppo.rollout_correction",
+        p.rollout_correction,
+        f"must be one of {list(ROLLOUT_CORRECTIONS)}",
+    )
+    finite("ppo.tis_cap", p.tis_cap)
+    _require(p.tis_cap > 0, "ppo.tis_cap", p.tis_cap, "must be > 0")
     finite("ppo.value_clip", p.value_clip)
     _require(p.value_clip > 0, "ppo.value_clip", p.value_clip, "must be > 0")
     for key, v in {"ppo.kl_coef": p.kl_coef, "ppo.entropy_coef": p.entropy_coef}.items():

@@ -60,6 +60,15 @@ def _check_tokens(name: str, tensors: dict[str, torch.Tensor], *, floating: tupl
     return next(iter(shapes.values()))[0]
 
 
+def _check_tis_cap(name: str, rollout_logprobs: torch.Tensor | None, tis_cap: float | None) -> None:
+    if tis_cap is None:
+        return
+    if isinstance(tis_cap, bool) or not isinstance(tis_cap, (int, float)) or not 0 < tis_cap < float("inf"):
+        raise ValueError(f"{name}: tis_cap must be a finite number > 0, got {tis_cap!r}")
+    if rollout_logprobs is None:
+        raise ValueError(f"{name}: tis_cap={tis_cap} weights tokens by pi_old / pi_rollout and needs rollout_logprobs")
+
+
 def _float_out(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype results come back in: the inputs' promoted dtype, at least float32."""
     dtype = torch.float32
@@ -120,34 +129,55 @@ def ppo_policy_loss(
     *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
     backend: Backend = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, masked token mean, with statistics in the same pass.
 
-    ``loss = sum(mask * max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high))) / max(sum(mask), 1)``
-    with ``r = exp(logprobs - old_logprobs)`` and ``eps_high = clip_eps`` unless given.
+    ``loss = sum(mask * w * max(-A * r, -A * clip(r, 1 - eps, 1 + eps_high))) / max(sum(mask), 1)``
+    with ``r = exp(logprobs - old_logprobs)``, ``eps_high = clip_eps`` unless given, and ``w = 1``
+    unless ``tis_cap`` is given: then ``w = min(exp(old_logprobs - rollout_logprobs), tis_cap)``, a
+    constant (truncated importance sampling, Yao et al. 2025).
 
     Args:
         logprobs: [T] float, current policy log-probs (differentiable).
         old_logprobs, advantages: [T] float.
         mask: [T] bool or float, 1 for tokens that count.
+        rollout_logprobs: [T] float or None, the sampler's log-probs of the tokens: adds the
+            rollout–trainer gap statistics.
+        tis_cap: finite float > 0 or None, the truncation ``C`` of the importance weights (needs
+            ``rollout_logprobs``).
 
     Returns:
         (loss 0-dim float32 or wider, stats) where stats holds 0-dim tensors ``clipfrac``,
         ``approx_kl`` (masked mean of ``(r - 1) - log r``), ``ratio_mean``, ``ratio_min``,
-        ``ratio_max`` (0 when no token counts) and ``num_tokens``.
+        ``ratio_max`` (0 when no token counts) and ``num_tokens``; with ``rollout_logprobs`` also
+        ``rollout_diff_mean``, ``rollout_diff_max`` (of ``|logprobs - rollout_logprobs|``) and
+        ``rollout_ratio_max`` (of ``exp(logprobs - rollout_logprobs)``) over counted tokens.
     """
-    _check_tokens(
-        "ppo_policy_loss",
-        {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask},
-        floating=("logprobs", "old_logprobs", "advantages"),
-    )
+    tokens = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
+    floating = ("logprobs", "old_logprobs", "advantages")
+    if rollout_logprobs is not None:
+        tokens["rollout_logprobs"] = rollout_logprobs
+        floating += ("rollout_logprobs",)
+    _check_tokens("ppo_policy_loss", tokens, floating=floating)
+    _check_tis_cap("ppo_policy_loss", rollout_logprobs, tis_cap)
     clip_high = clip_eps if clip_eps_high is None else clip_eps_high
-    if _use_triton(backend, logprobs, old_logprobs, advantages, mask):
-        return ppo_policy_loss_triton(logprobs, old_logprobs, advantages, mask, clip_eps, clip_high)
-    dtype = _float_out(logprobs, old_logprobs, advantages)
+    if _use_triton(backend, *tokens.values()):
+        return ppo_policy_loss_triton(
+            logprobs, old_logprobs, advantages, mask, clip_eps, clip_high, rollout_logprobs, tis_cap
+        )
+    dtype = _float_out(*(tokens[k] for k in floating))
     return ppo_policy_loss_ref(
-        logprobs.to(dtype), old_logprobs.to(dtype), advantages.to(dtype), mask, clip_eps, clip_high
+        logprobs.to(dtype),
+        old_logprobs.to(dtype),
+        advantages.to(dtype),
+        mask,
+        clip_eps,
+        clip_high,
+        None if rollout_logprobs is None else rollout_logprobs.to(dtype),
+        tis_cap,
     )
 
 
@@ -289,6 +319,8 @@ def linear_ppo_loss(
     tp_group: dist.ProcessGroup | None = None,
     return_entropy: bool = False,
     vocab_size: int | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
     backend: Backend = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``ppo_policy_loss(linear_logprobs(hidden, weight, targets), ...)`` fused, gradients made in the forward.
@@ -296,7 +328,10 @@ def linear_ppo_loss(
     Args:
         hidden: [T, H], weight: [V, H] (or this rank's vocab shard), targets: [T], vocab_size
             (the real vocabulary of a padded weight) as in ``linear_logprobs``; old_logprobs,
-            advantages: [T] float; mask: [T] bool or float.
+            advantages: [T] float; mask: [T] bool or float; rollout_logprobs, tis_cap as in
+            ``ppo_policy_loss``. ``old_logprobs`` may be ``None``: the old log-probs are then this
+            forward's own, detached (``r = 1``, gradient ``-A * w * dlogp``), which is what one
+            optimizer step per rollout gets from recomputed old log-probs, without recomputing them.
 
     Returns:
         (loss 0-dim float32, stats) with the same stats as ``ppo_policy_loss``, plus ``entropy``
@@ -304,11 +339,11 @@ def linear_ppo_loss(
         recomputation: dhidden and dweight are made in the forward (three GEMMs).
     """
     _check_linear("linear_ppo_loss", hidden, weight, targets, temperature)
-    _check_tokens(
-        "linear_ppo_loss",
-        {"targets": targets, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask},
-        floating=("old_logprobs", "advantages"),
-    )
+    tokens = {"targets": targets, "advantages": advantages, "mask": mask}
+    optional = {"old_logprobs": old_logprobs, "rollout_logprobs": rollout_logprobs}
+    tokens |= {k: v for k, v in optional.items() if v is not None}
+    _check_tokens("linear_ppo_loss", tokens, floating=tuple(k for k in tokens if k not in ("targets", "mask")))
+    _check_tis_cap("linear_ppo_loss", rollout_logprobs, tis_cap)
     _check_vocab("linear_ppo_loss", weight, targets, vocab_size, tp_group)
     return linear_ppo_loss_chunked(
         hidden,
@@ -321,7 +356,9 @@ def linear_ppo_loss(
         clip_low=clip_eps,
         clip_high=clip_eps if clip_eps_high is None else clip_eps_high,
         tp_group=tp_group,
-        use_triton=_use_triton(backend, hidden, weight, targets, old_logprobs, advantages, mask),
+        use_triton=_use_triton(backend, hidden, weight, *tokens.values()),
         return_entropy=return_entropy,
         vocab_size=vocab_size,
+        rollout_logprobs=rollout_logprobs,
+        tis_cap=tis_cap,
     )

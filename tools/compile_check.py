@@ -136,6 +136,15 @@ def _loss(fn: Callable, dtype: torch.dtype, mask_dtype: torch.dtype, grad: bool)
         loss.backward()
 
 
+def _policy_loss_vs_rollout(tis: bool) -> None:
+    """The trainer's unfused policy loss with the rollout's log-probs: the gap statistics, and ``tis``'s weights."""
+    T = ORZ_STREAM_TOKENS
+    logp = _shaped(T).requires_grad_()
+    rollout, mask = _shaped(T), _shaped(T, dtype=torch.bool)
+    kw = dict(rollout_logprobs=rollout, tis_cap=2.0 if tis else None, backend="triton")
+    ops.ppo_policy_loss(logp, _shaped(T), _shaped(T), mask, **kw)[0].backward()
+
+
 ORZ_DECODE_SEQS = 256
 ORZ_KV_BLOCKS = 16_384
 ORZ_BLOCK_SIZE = 16
@@ -216,6 +225,8 @@ def scenarios() -> Iterator[tuple[str, Callable[[], None]]]:
                         f"{name} {_name(dtype)} mask={_name(mask_dtype)} grad={grad}",
                         partial(_loss, fn, dtype, mask_dtype, grad),
                     )
+    for tis in (False, True):
+        yield f"ppo_policy_loss float32 with rollout log-probs tis={tis}", partial(_policy_loss_vs_rollout, tis)
 
 
 SCENARIOS = dict(scenarios())

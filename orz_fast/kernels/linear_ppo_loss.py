@@ -10,6 +10,11 @@ recomputation; backward only scales the stored gradients by ``grad_out``. Normal
 number of masked tokens uses ``mask.sum()`` computed up front as a tensor (no host sync).
 A padded vocabulary (``vocab_size``) is narrowed as in ``linear_logprobs``: padding ids never
 enter the softmax, the entropy or the gradient.
+
+``old_logprobs=None`` takes the old log-probs to be this forward's own (detached): the ratio is 1 and
+the gradient ``-A * dlogp``, what one optimizer step per rollout gives with recomputed old log-probs,
+without the recompute pass. ``rollout_logprobs`` (the sampler's) add the rollout–trainer gap
+statistics and, with ``tis_cap``, the truncated importance weights, as in ``ppo_policy_loss``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from orz_fast.kernels.linear_logprobs import (
     shard_columns,
     vocab_start_of,
 )
-from orz_fast.kernels.ppo_policy_loss import STAT_NAMES, policy_loss_terms
+from orz_fast.kernels.ppo_policy_loss import (
+    ROLLOUT_STAT_NAMES,
+    STAT_NAMES,
+    policy_loss_terms,
+    rollout_gap_stats,
+    rollout_gap_sums,
+    tis_weights,
+)
 
 
 class LinearPPOLossFunction(torch.autograd.Function):
@@ -49,6 +61,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
         chunk_tokens,
         entropy,
         vocab_size,
+        rollout_logprobs,
+        tis_cap,
     ):
         T, H = hidden.shape
         targets = targets.contiguous()
@@ -70,16 +84,25 @@ class LinearPPOLossFunction(torch.autograd.Function):
         sums = torch.zeros(5, dtype=torch.float32, device=hidden.device)
         ratio_min = torch.full((), torch.inf, dtype=torch.float32, device=hidden.device)
         ratio_max = torch.full((), -torch.inf, dtype=torch.float32, device=hidden.device)
+        has_rollout = rollout_logprobs is not None
+        # rollout gap: sum of |logp - rollout|, its max, max of exp(logp - rollout)
+        gap = torch.tensor([0.0, -torch.inf, -torch.inf], dtype=torch.float32, device=hidden.device)
         for t0 in range(0, T, Tc):
             sl = slice(t0, t0 + Tc)
             logits = (hidden[sl] @ w.T)[:, :valid]
             lse, mu, logp = combine_vocab_stats(
                 row_stats(logits, targets[sl], vocab_start, inv_temp, entropy, use_triton), tp_group
             )
+            old = logp if old_logprobs is None else old_logprobs[sl].float()
+            rollout = rollout_logprobs[sl].float() if has_rollout else None
+            weights = tis_weights(old, rollout, tis_cap) if tis_cap is not None else None
             loss_t, grad_t, is_clipped, kl_t, ratio = policy_loss_terms(
-                logp, old_logprobs[sl].float(), advantages[sl].float(), clip_low, clip_high
+                logp, old, advantages[sl].float(), clip_low, clip_high, weights
             )
             m = mask_f[sl]
+            if has_rollout:
+                part = rollout_gap_sums(logp, rollout, m)
+                gap = torch.cat([gap[:1] + part[:1], torch.maximum(gap[1:], part[1:])])
             on = m != 0
             ent_sum = ((lse - mu) * m).sum() if entropy else torch.zeros_like(count)
             sums += torch.stack(
@@ -109,6 +132,8 @@ class LinearPPOLossFunction(torch.autograd.Function):
             count,
             sums[4] * inv_count,
         )
+        if has_rollout:
+            stats += tuple(rollout_gap_stats(gap, count).values())
         ctx.mark_non_differentiable(*stats)
         return sums[0] * inv_count, *stats
 
@@ -118,14 +143,14 @@ class LinearPPOLossFunction(torch.autograd.Function):
         h_dtype, w_dtype = ctx.dtypes
         dh = (dhidden.float() * grad_loss).to(h_dtype) if dhidden is not None else None
         dw = (dweight * grad_loss).to(w_dtype) if dweight is not None else None
-        return dh, dw, None, None, None, None, None, None, None, None, None, None, None, None
+        return dh, dw, *(None,) * 14
 
 
 def linear_ppo_loss_chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -137,11 +162,15 @@ def linear_ppo_loss_chunked(
     chunk_tokens: int | None = None,
     return_entropy: bool = False,
     vocab_size: int | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped loss (0-dim fp32) and stats from ``hidden [T, H]``, ``weight [V, H]``, ``targets [T]``;
     with ``return_entropy`` the stats also hold ``entropy``, the masked token mean of the policy's
     entropy (a metric: no gradient flows through it), from the same pass over the logits.
-    ``vocab_size``: the real vocabulary; ids from it on (padding rows) are left out."""
+    ``vocab_size``: the real vocabulary; ids from it on (padding rows) are left out. ``old_logprobs``
+    None: this forward's own; ``rollout_logprobs``: add :data:`ROLLOUT_STAT_NAMES`; ``tis_cap``: weight
+    each token's term by ``min(exp(old - rollout), tis_cap)``."""
     loss, *stats = LinearPPOLossFunction.apply(
         hidden,
         weight,
@@ -157,9 +186,14 @@ def linear_ppo_loss_chunked(
         chunk_tokens,
         return_entropy,
         vocab_size,
+        rollout_logprobs,
+        None if tis_cap is None else float(tis_cap),
     )
-    *stats, entropy = stats
+    rollout_stats = stats[len(STAT_NAMES) + 1 :]
+    stats, entropy = stats[: len(STAT_NAMES)], stats[len(STAT_NAMES)]
     out = dict(zip(STAT_NAMES, stats, strict=True))
+    if rollout_logprobs is not None:
+        out.update(zip(ROLLOUT_STAT_NAMES, rollout_stats, strict=True))
     if return_entropy:
         out["entropy"] = entropy
     return loss, out

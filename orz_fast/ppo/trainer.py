@@ -13,7 +13,8 @@ identical data):
 3. critic values at every action (forward only), then GAE and whitening over the whole step on
    the device (:mod:`orz_fast.ppo.advantages`);
 4. one policy optimizer step over token-budget micro-batches, the old log-probs being the
-   rollout's own (recomputed only when ``policy_updates_per_step`` > 1), then
+   rollout's own or the trainer's (``ppo.rollout_correction``; recomputed only when
+   ``policy_updates_per_step`` > 1), measuring the rollout–trainer log-prob gap in the same pass, then
    ``critic_updates_per_step`` critic steps over shuffled mini-batches (:mod:`orz_fast.ppo.update`).
 
 A step whose gradient norm is NaN or inf is skipped (weights and moments untouched) and logged.
