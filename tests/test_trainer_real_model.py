@@ -1,6 +1,7 @@
-"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (fewer, shorter samples): ORZ's template
-without a chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval`` loads with
-its own tokenizer."""
+"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (2 steps, fewer and shorter samples):
+the engine's sampling log-probs equal the trainer's on the real weights, finite losses, ORZ's template without a
+chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval`` loads with its own
+tokenizer."""
 
 import json
 import sys
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def real_run(tmp_path_factory):
     gguf = smollm2_gguf()
     out = tmp_path_factory.mktemp("demo_real")
-    sets = ["train.steps=1", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_tokens=12"]
+    sets = ["train.steps=2", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "rollout.max_tokens=12"]
     cmd = [sys.executable, "-W", "ignore", "-m", "orz_fast.train", "--preset", "demo-real", "--out", str(out)]
     for s in ["logging.progress=false", *sets]:
         cmd += ["--set", s]
@@ -32,14 +33,19 @@ def test_demo_real_trains_a_step_and_records_it(real_run):
     gguf, out, result = real_run
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["path"] == str(gguf) and config["data"]["template"] == "orz"
-    (record,) = read_metrics(out / "metrics.jsonl")
-    for key, value in record.items():
-        assert isinstance(value, (int, float)) and value == value, (key, value)  # finite, no "nan"
-    assert "explained_variance" in record and "value_loss" in record  # the critic trained (GAE)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        for key, value in record.items():
+            assert isinstance(value, (int, float)) and value == value, (key, value)  # finite, no "nan"
+        assert "explained_variance" in record and "value_loss" in record  # the critic trained (GAE)
+        # The rollout's log-probs are the trainer's (fp32 on CPU): the update's own forward measures the gap.
+        assert record["rollout/logprob_diff_max"] <= 1e-4, record["rollout/logprob_diff_max"]
+        assert abs(record["rollout/ratio_max"] - 1) <= 1e-4
     lines = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(x["source"] == "synthetic:comparison" for x in lines)
-    (samples,) = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples["samples"]) == 4 and all(s["response"] for s in samples["samples"])
+    assert len(lines) == 4 and all(x["source"] == "synthetic:comparison" for x in lines)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples[0]["samples"]) == 4 and all(s["response"] for s in samples[0]["samples"])
     stats = json.loads((out / "data_stats.json").read_text())["train"]
     assert stats["too_long"] == 0 and stats["longest_prompt_tokens"] <= 512
     assert "train prompts: 10000 of 10000 rows kept" in result.stdout
