@@ -71,7 +71,7 @@ default). Mean lengths: prompts ``max_prompt_tokens / 8``, responses ``max_token
   optimizer step's gradient all-reduce and parameter broadcast (13 steps per PPO step
   with the ORZ recipe).
 
-Each layout is also put to the trainer's own check (``orz_fast.ppo.trainer.check_layout``);
+Each layout is also put to the trainer's own check (``orz_fast.ppo.checks.check_layout``);
 the report marks the layouts it rejects (with its reason) and names the fastest fitting
 layout the trainer runs.
 """
@@ -94,8 +94,8 @@ import torch
 from orz_fast.config import PRESETS, Config, ConfigError, parse_value, preset, set_value, validate
 from orz_fast.kernels.linear_logprobs import chunk_tokens_for
 from orz_fast.models.spec import VOCAB_PAD_MULTIPLE, ModelSpec, UnsupportedModelError, padded_vocab_size
+from orz_fast.ppo.checks import check_layout
 from orz_fast.ppo.optim import assign_owners
-from orz_fast.ppo.trainer import check_layout
 from orz_fast.rollout.kv_budget import kv_cache_bytes
 from orz_fast.rollout.native import NativeEngine
 
@@ -237,7 +237,7 @@ class LayoutPlan:
     """Sequences the KV cache decodes at once."""
     fits: bool
     trainer_error: str | None
-    """Why ``orz_fast.ppo.trainer.check_layout`` rejects this layout; None when the trainer runs it."""
+    """Why ``orz_fast.ppo.checks.check_layout`` rejects this layout; None when the trainer runs it."""
     step_seconds: float
     """Estimated PPO step time (cost model; for ranking)."""
     time_breakdown: dict[str, float]
@@ -732,7 +732,7 @@ def format_plan(p: Plan) -> str:
     for name, why in p.rejected.items():
         lines.append(f"rejected {name}: {why}")
     for why in sorted({r.trainer_error for r in p.layouts if r.fits and r.trainer_error}):
-        lines.append(f"trainer: no = orz_fast.ppo.trainer.check_layout says: {why}")
+        lines.append(f"trainer: no = orz_fast.ppo.checks.check_layout says: {why}")
     lines.append("")
     if p.recommended is None:
         lines.append("recommendation: no layout fits; add GPUs, use larger ones, or lower ppo.micro_batch_tokens")

@@ -23,7 +23,7 @@ if importlib.util.find_spec("vllm") is None:
 
 from orz_fast.config import _TINY_ARCH, resolve
 from orz_fast.metrics import read_metrics
-from orz_fast.ppo.trainer import check_layout
+from orz_fast.ppo.checks import check_layout
 
 TWO_HEADS = json.dumps({**_TINY_ARCH, "num_attention_heads": 2, "num_key_value_heads": 1})
 
