@@ -48,37 +48,40 @@ class StepOutputs:
     """Every step's sampled tokens and log-probs, kept as that step's arrays on the device, with the sequence
     (admission order) and output position of each row on the host. At the end of ``generate`` one copy to the
     host and one scatter lay every sequence's outputs end to end in two flat buffers (int64 ids, fp32
-    log-probs); each :class:`Completion` holds views of its slice. No per-token Python work.
+    log-probs); each :class:`Completion` holds views of its slice.
 
     A preempted sequence keeps the tokens it had (it is recomputed, not resampled), so each sequence's rows
-    over the steps are exactly its outputs, at positions 0, 1, ... in step order."""
+    over the steps are exactly its outputs, at positions 0, 1, ... in step order: a row's position is the
+    count of its sequence's earlier rows (one vectorised update per step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_seqs: int) -> None:
+        self.counts = np.zeros(num_seqs, dtype=np.int64)
+        """Rows recorded so far per sequence (admission order); at the end, each sequence's output length."""
         self.orders: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
         self.tokens: list[torch.Tensor] = []
         self.logprobs: list[torch.Tensor] = []
 
     def add(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-        """One step's rows, before the scheduler appends ``tokens`` (so each position is ``len(seq.tokens)``)."""
-        self.orders.append(np.fromiter((s.order for s in seqs), dtype=np.int64, count=len(seqs)))
-        self.positions.append(np.fromiter((len(s.tokens) for s in seqs), dtype=np.int64, count=len(seqs)))
+        """One step's rows (``seqs`` distinct, in row order)."""
+        orders = np.fromiter((s.order for s in seqs), dtype=np.int64, count=len(seqs))
+        self.orders.append(orders)
+        self.positions.append(self.counts[orders])
+        self.counts[orders] += 1
         self.tokens.append(tokens)
         self.logprobs.append(logprobs)
 
     def completions(self, requests: list[Request], *, with_text: bool) -> list[list[Completion]]:
         """Per request, the completions of its finished samples in sample order."""
-        seqs = [s for r in requests for s in r.finished]
-        if any(s is None for s in seqs):
-            raise RuntimeError("generate ended with unfinished samples")
-        lengths = np.zeros(len(seqs), dtype=np.int64)
-        for s in seqs:
-            lengths[s.order] = len(s.tokens)
-        starts = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
+        for r in requests:
+            for s in r.finished:
+                if s is None:
+                    raise RuntimeError("generate ended with an unfinished sample")
+                if len(s.tokens) != self.counts[s.order]:
+                    raise RuntimeError(f"a sample has {len(s.tokens)} tokens but {self.counts[s.order]} sampled rows")
+        starts = np.zeros(len(self.counts) + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=starts[1:])
         dest = starts[np.concatenate(self.orders)] + np.concatenate(self.positions)
-        if len(dest) != starts[-1]:
-            raise RuntimeError(f"{len(dest)} sampled rows for {starts[-1]} output tokens")
         token_ids = np.empty(len(dest), dtype=np.int64)
         logprobs = np.empty(len(dest), dtype=np.float32)
         token_ids[dest] = torch.cat(self.tokens).cpu().numpy()
@@ -219,7 +222,7 @@ class NativeEngine:
         runner = self.runner
         runner.kv_bytes_read = runner.kv_bytes_min = 0
         stats = dict.fromkeys(("steps", "prefill_tokens", "decode_tokens"), 0)
-        outputs = StepOutputs()
+        outputs = StepOutputs(sum(r.params.n for r in requests))
         cache = runner.new_cache(num_blocks, self.block_size)
         try:
             while not scheduler.done:
