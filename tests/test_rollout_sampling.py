@@ -1,15 +1,12 @@
 """The rollout sampler: distributions, truncation, greedy rows, counter-based seeding."""
 
 import math
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from orz_fast.rollout import SamplingParams
 from orz_fast.rollout.sampling import counter_uniform, find_stop, sample_tokens
-from orz_fast.rollout.vllm_engine import completion_from_vllm
 
 CHI2_999 = {3: 16.266, 5: 20.515, 7: 24.322}  # chi-square 99.9% quantiles by degrees of freedom
 
@@ -132,20 +129,3 @@ def test_find_stop():
     assert find_stop("x User: y </answer>", stops) == len("x User:")
     assert find_stop("no stop here", stops) == -1
     assert find_stop("User: then </answer>", stops, start=1) == len("User: then </answer>")
-
-
-def test_completion_from_vllm_output_is_arrays():
-    """vLLM's output objects (token ids, one ``{id: Logprob}`` dict per position) become int64 / fp32 arrays; this
-    conversion runs without vLLM (its engine tests need it)."""
-    logprob = lambda x: SimpleNamespace(logprob=x)  # noqa: E731
-    steps = [{5: logprob(-0.25), 9: logprob(-3.0)}, {2: logprob(-1.5)}, {7: logprob(-0.125), 5: logprob(-9.0)}]
-    out = SimpleNamespace(token_ids=[5, 2, 7], logprobs=steps, finish_reason="stop", text="abc")
-    c = completion_from_vllm(out, with_text=True)
-    assert c.token_ids.dtype == np.int64 and c.token_ids.tolist() == [5, 2, 7]
-    assert c.logprobs.dtype == np.float32 and c.logprobs.tolist() == [-0.25, -1.5, -0.125]
-    assert c.finish_reason == "stop" and c.text == "abc"
-    assert completion_from_vllm(out, with_text=False).text is None
-    with pytest.raises(RuntimeError, match="2 log-prob entries for 3 tokens"):
-        completion_from_vllm(SimpleNamespace(**{**vars(out), "logprobs": steps[:2]}), with_text=True)
-    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
-        completion_from_vllm(SimpleNamespace(**{**vars(out), "finish_reason": "abort"}), with_text=True)
