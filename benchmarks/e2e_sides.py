@@ -4,8 +4,8 @@
 ``SPEC["checkpoint"]`` (a Hugging Face directory with its tokenizer) for ``warmup_steps +
 timed_steps`` steps and writes ``OUT_DIR/steps.json``: per optimizer step its wall and process CPU
 seconds, the same two for the rollout phase (generation, decoding, reward, advantages), the
-generated (completion) tokens and the trained tokens (prompt + completion tokens of every sample,
-padding not counted).
+generated (completion) tokens, the trained tokens (prompt + completion tokens of every sample,
+padding not counted) and each sample's response length.
 
 - ``orz_fast``: :class:`orz_fast.ppo.trainer.Trainer` built from the ``tiny`` preset with the
   overrides of :func:`orz_fast_overrides`, exactly as ``python -m orz_fast.train --preset tiny
@@ -95,8 +95,12 @@ def run_orz_fast(spec: dict[str, Any], out: Path) -> list[dict[str, float]]:
     trainer.rollout, trainer.train_step = timed_rollout, timed_train_step
     trainer.run()
     samples = spec["prompts_per_step"] * spec["samples_per_prompt"]
+    lengths: dict[int, list[int]] = {}
+    for line in (out / "rollouts.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        lengths.setdefault(r["step"], []).extend(r["response_tokens"])
     records = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    for i, line in enumerate((out / "metrics.jsonl").read_text().splitlines()):
         m = json.loads(line)
         update_s = m["time_policy"] + m["time_critic"]
         # The trainer logs rates; tokens = rate x phase time. Its trained-token count is prompt +
@@ -110,6 +114,7 @@ def run_orz_fast(spec: dict[str, Any], out: Path) -> list[dict[str, float]]:
                 "rollout_cpu_seconds": m["rollout_cpu_seconds"],
                 "generated_tokens": round(m["generated_tokens_per_s"] * m["time_rollout"]),
                 "trained_tokens": round(m["trained_tokens_per_s"] * update_s) + samples,
+                "response_lengths": lengths[i + 1],  # rollouts.jsonl counts steps from 1
             }
         )
     return records
@@ -196,6 +201,7 @@ def run_trl(spec: dict[str, Any], out: Path) -> list[dict[str, float]]:
                 "rollout_cpu_seconds": time.process_time() - cpu0,
                 "generated_tokens": int(result["completion_mask"].sum()),
                 "trained_tokens": int(result["prompt_mask"].sum() + result["completion_mask"].sum()),
+                "response_lengths": result["completion_mask"].sum(1).tolist(),
             }
         )
         return result

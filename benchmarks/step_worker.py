@@ -7,9 +7,9 @@ model math and the reward's math checks:
 
 - the rollout engine is a stand-in that draws ORZ-like response lengths (log-normal, median about
   2,300 tokens, 5 % cut at 8,000: about 25M response tokens per step) and random token ids, and
-  hands them back in ``Completion`` objects holding numpy arrays (``--engine-output arrays``, an
-  engine that keeps its outputs in arrays) or Python lists (``lists``, as the native and vLLM
-  engines do today);
+  hands them back in ``Completion`` objects holding numpy arrays (``--engine-output arrays``: views
+  of one buffer, as the native and vLLM engines do) or Python lists (``lists``, as the engines did
+  before they returned arrays);
 - the policy and critic are the real models with their decoder layers removed (embedding, final
   norm and heads of width 2 over a 16-token vocabulary): every micro-batch, forward-only pass,
   loss, backward and optimizer step runs, on outputs of the right shapes ([T, H] hidden states,

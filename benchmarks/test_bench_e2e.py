@@ -12,6 +12,12 @@ model trained, as TRL's GRPO); TRL runs its own transformers generation, no KL t
 step per generation batch. TRL 1.16 has no PPO trainer (``PPOTrainer`` was removed, and is not in
 ``trl.experimental``), so orz_fast's GAE path has no TRL counterpart to race.
 
+Two workloads (``WORKLOADS``), each with its own result file: ``fixed_length`` (4 prompts x 8 samples on CPU;
+EOS, which a random model rarely samples, almost never ends a response, so every response runs to the
+maximum) and ``orz_shaped`` (16 samples per prompt; the checkpoint's EOS logit is biased (:func:`bias_eos`)
+so that responses end at EOS with lengths from a few tokens to the maximum, roughly geometric; the measured
+length distribution of each side is in the result).
+
 Each side runs in its own process (``e2e_sides.py``; on CPU with one intra-op thread) for one
 warm-up step and ``timed_steps`` timed steps; the sides alternate for ``rounds`` rounds so a load
 change hits both. Counted per step, identically on both sides: generated tokens (completion
@@ -39,6 +45,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from harness import QWEN25_0P5B, SMALL_QWEN2, write_result
@@ -49,7 +56,7 @@ CUDA = torch.cuda.is_available()
 BENCH_DIR = Path(__file__).resolve().parent
 
 CPU_ARCH = SMALL_QWEN2
-WORKLOAD = {
+FIXED_LENGTH = {
     # the model, batch and lengths of one PPO step; a micro-batch holds micro_batch_samples samples
     "arch": QWEN25_0P5B if CUDA else CPU_ARCH,
     "dtype": "bfloat16" if CUDA else "float32",
@@ -69,7 +76,20 @@ WORKLOAD = {
     "timed_steps": 4,
     "rounds": 3,
     "threads": 1,
+    "eos_hazard": None,  # a random model rarely samples EOS: nearly every response runs to max_new_tokens
 }
+ORZ_SHAPED = {
+    **FIXED_LENGTH,
+    # ORZ's shape: 16 samples per prompt, responses ending at EOS with lengths spread from a few tokens to the
+    # maximum (the EOS row of the LM head biased: see bias_eos), so both sides see ragged batches
+    "prompts_per_step": 8 if CUDA else 2,
+    "samples_per_prompt": 16,
+    "max_new_tokens": 2048 if CUDA else 256,
+    "eos_hazard": 1 / 40,
+    "timed_steps": 3,
+}
+WORKLOADS = {"fixed_length": FIXED_LENGTH, "orz_shaped": ORZ_SHAPED}
+RESULT_NAMES = {"fixed_length": "e2e_grpo_vs_trl", "orz_shaped": "e2e_grpo_vs_trl_orz_shaped"}
 TARGET = 3.0 if CUDA else 2.0
 SIDES = ("orz_fast", "trl")
 
@@ -89,8 +109,9 @@ def char_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def build_checkpoint(path: Path, arch: dict, dtype: str) -> None:
-    """A random-weight checkpoint of ``arch`` and its tokenizer, which both trainers load."""
+def build_checkpoint(path: Path, arch: dict, dtype: str, *, eos_hazard: float | None = None, prompt=None) -> None:
+    """A random-weight checkpoint of ``arch`` and its tokenizer, which both trainers load; with ``eos_hazard``
+    its EOS logit biased (:func:`bias_eos`, calibrated on continuations of ``prompt``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = char_tokenizer(arch["vocab_size"])
@@ -99,8 +120,45 @@ def build_checkpoint(path: Path, arch: dict, dtype: str) -> None:
         arch["model_type"], **fields, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if eos_hazard is not None:
+        bias_eos(model, tokenizer.encode(prompt, add_special_tokens=False), tokenizer.eos_token_id, eos_hazard)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+@torch.no_grad()
+def bias_eos(model, prompt: list[int], eos: int, hazard: float) -> None:
+    """Point the LM head's EOS row along the mean final hidden state of the model's own sampled continuations of
+    ``prompt``, scaled so that EOS has probability ``hazard`` on average there.
+
+    The projection of a random model's hidden states on their mean direction is nearly constant, so each token
+    ends the response with about the same probability: lengths roughly geometric (a few tokens to the
+    maximum, a long tail). A tied head moves the EOS input embedding too; EOS is never an input before a
+    response ends."""
+    samples = 16
+    ids = torch.tensor([prompt]).repeat(samples, 1)
+    seqs = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=96,
+        min_new_tokens=96,
+        pad_token_id=eos,
+    )
+    hidden = model.model(seqs).last_hidden_state[:, len(prompt) - 1 : -1].flatten(0, 1).float()
+    head = model.get_output_embeddings().weight
+    logits = hidden @ head.float().T
+    logits[:, eos] = -float("inf")
+    others = torch.logsumexp(logits, dim=-1)
+    direction = hidden.mean(0) / hidden.mean(0).norm()
+    projection = hidden @ direction
+    lo, hi = 0.0, 1e3  # the mean EOS probability grows with the scale: bisect
+    for _ in range(60):
+        scale = (lo + hi) / 2
+        lo, hi = (scale, hi) if torch.sigmoid(scale * projection - others).mean() < hazard else (lo, scale)
+    head[eos] = (scale * direction).to(head.dtype)
 
 
 def step_prompts(w: dict) -> tuple[list[str], list[str], int]:
@@ -134,6 +192,18 @@ def run_side(side: str, spec_path: Path, out: Path, threads: int) -> list[dict[s
     return json.loads((out / "steps.json").read_text())
 
 
+def length_distribution(records: list[dict], max_new_tokens: int) -> dict[str, float]:
+    """Percentiles of the response lengths of the timed steps, their mean and the share cut at the maximum."""
+    lengths = np.array([n for r in records for n in r["response_lengths"]], dtype=np.int64)
+    pct = (0, 10, 25, 50, 75, 90, 100)
+    return {
+        **{f"p{p}": float(v) for p, v in zip(pct, np.percentile(lengths, pct), strict=True)},
+        "mean": float(lengths.mean()),
+        "at_max_new_tokens": float((lengths >= max_new_tokens).mean()),
+        "samples": len(lengths),
+    }
+
+
 def summarize(records: list[dict]) -> dict[str, float]:
     """Rates over the timed steps (sums of tokens over sums of seconds, wall and CPU) and median step times."""
     wall, cpu = sum(r["step_seconds"] for r in records), sum(r["cpu_seconds"] for r in records)
@@ -157,12 +227,13 @@ def summarize(records: list[dict]) -> dict[str, float]:
     }
 
 
-def test_bench_e2e_vs_trl_grpo(tmp_path):
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_bench_e2e_vs_trl_grpo(tmp_path, workload):
     trl = pytest.importorskip("trl", reason="TRL is not installed")
-    w = WORKLOAD
+    w = WORKLOADS[workload]
     ckpt = tmp_path / "checkpoint"
-    build_checkpoint(ckpt, w["arch"], w["dtype"])
     prompts, answers, problems = step_prompts(w)
+    build_checkpoint(ckpt, w["arch"], w["dtype"], eos_hazard=w["eos_hazard"], prompt=prompts[0])
     tokenizer = char_tokenizer(w["arch"]["vocab_size"])
     max_prompt_tokens = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
     spec = {**w, "checkpoint": str(ckpt), "prompts": prompts, "answers": answers, "problems": problems}
@@ -188,7 +259,11 @@ def test_bench_e2e_vs_trl_grpo(tmp_path):
             "trl": f"trl.GRPOTrainer {trl.__version__}",
         },
         "model": w["arch"],
+        "workload_name": workload,
         "workload": {k: v for k, v in w.items() if k != "arch"},
+        "response_lengths": {
+            side: length_distribution([s for rnd in rounds for s in rnd[side]], w["max_new_tokens"]) for side in SIDES
+        },
         "max_prompt_tokens": max_prompt_tokens,
         "speedup_basis": "wall_clock" if CUDA else "process_cpu_time",
         "speedup_vs_trl": statistics.median(ratio(f"trained_tokens{suffix}", f) for f in per_round),
@@ -203,7 +278,12 @@ def test_bench_e2e_vs_trl_grpo(tmp_path):
     }
     figures["meets_target"] = figures["speedup_vs_trl"] >= TARGET
     basis = "CPU-time" if not CUDA else "wall-clock"
-    print(f"\ne2e GRPO step, orz_fast vs TRL: {w['prompts_per_step']} prompts x {w['samples_per_prompt']} samples")
+    print(
+        f"\ne2e GRPO step ({workload}), orz_fast vs TRL: {w['prompts_per_step']} prompts x "
+        f"{w['samples_per_prompt']} samples, up to {w['max_new_tokens']} new tokens"
+    )
+    for side in SIDES:
+        print(f"  {side} response lengths: {figures['response_lengths'][side]}")
     print(f"  {'':<10}{'gen tok/s':>10}{'trained tok/s':>15}{'s/step':>8}  |{'(per CPU second)':>20}{'cpu s/step':>12}")
     for side in SIDES:
         f = sides[side]
@@ -217,7 +297,7 @@ def test_bench_e2e_vs_trl_grpo(tmp_path):
         f"generation {figures['generation_speedup_vs_trl']:.2f}x, update {figures['update_speedup_vs_trl']:.2f}x; "
         f"wall clock {figures['wall_clock_speedup_vs_trl']:.2f}x"
     )
-    path = write_result("e2e_grpo_vs_trl", figures, ratios={"speedup_vs_trl": "higher"})
+    path = write_result(RESULT_NAMES[workload], figures, ratios={"speedup_vs_trl": "higher"})
     print(f"  -> {path}")
     assert figures["speedup_vs_trl"] > 1.0, "orz_fast trains fewer tokens per second than TRL"
     if CUDA:

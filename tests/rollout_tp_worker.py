@@ -67,11 +67,11 @@ def max_logprob_gap(arch: dict) -> float:
     for prompt, cs in zip(prompts, out, strict=True):
         for c in cs:
             start = len(ids)
-            ids += prompt + c.token_ids
+            ids += prompt + c.token_ids.tolist()
             bounds.append(len(ids))
             rows += [start + len(prompt) - 1 + t for t in range(len(c.token_ids))]
-            targets += c.token_ids
-            rollout += c.logprobs
+            targets += c.token_ids.tolist()
+            rollout += c.logprobs.tolist()
     args = (torch.tensor(ids), torch.tensor(bounds), torch.tensor(rows), torch.tensor(targets))
     trainer = packed_token_logprobs(model, *args, temperature=0.8)
     return float((trainer - torch.tensor(rollout)).abs().max())
@@ -86,9 +86,9 @@ def run_engine(arch: dict = TP_ARCH, prompts: list[list[int]] = TP_PROMPTS) -> d
     greedy = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
     sampled = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, top_p=0.9, seed=11, max_tokens=24))
     return {
-        "greedy": [[c.token_ids for c in cs] for cs in greedy],
-        "sampled": [[c.token_ids for c in cs] for cs in sampled],
-        "sampled_logprobs": [[c.logprobs for c in cs] for cs in sampled],
+        "greedy": [[c.token_ids.tolist() for c in cs] for cs in greedy],
+        "sampled": [[c.token_ids.tolist() for c in cs] for cs in sampled],
+        "sampled_logprobs": [[c.logprobs.tolist() for c in cs] for cs in sampled],
     }
 
 
@@ -108,7 +108,7 @@ def main(out_path: str) -> None:
     torch.manual_seed(1000 + rank)
     engine = NativeEngine(build_model(TP_ARCH, seed=TP_SEED, device="cpu"))
     unseeded = engine.generate(TP_PROMPTS, SamplingParams(temperature=1.0, max_tokens=12))
-    tokens = [[c.token_ids for c in cs] for cs in unseeded]
+    tokens = [[c.token_ids.tolist() for c in cs] for cs in unseeded]
     per_rank = [None, None]
     dist.all_gather_object(per_rank, tokens)
     result["unseeded_ranks_agree"] = per_rank[0] == per_rank[1]
@@ -120,7 +120,7 @@ def main(out_path: str) -> None:
     engine = NativeEngine(build_model(TP_ARCH, seed=TP_SEED, device="cpu"))
     unseeded = engine.generate(TP_PROMPTS, SamplingParams(temperature=1.0, max_tokens=12))
     per_rank = [None, None]
-    dist.all_gather_object(per_rank, [[c.token_ids for c in cs] for cs in unseeded])
+    dist.all_gather_object(per_rank, [[c.token_ids.tolist() for c in cs] for cs in unseeded])
     result["pp2_unseeded_stages_agree"] = per_rank[0] == per_rank[1]
     result["pp2_gap"] = {name: max_logprob_gap(arch) for name, arch in GAP_ARCHS.items()}
 

@@ -7,6 +7,7 @@ samples equal ``n`` independent requests. Also: continuous batching and preempti
 outputs unchanged, stop ids / context limit, weight updates seen with no copy, bad inputs.
 """
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -115,15 +116,16 @@ def test_greedy_matches_transformers(models):
     refs = [hf_greedy(hf, p, NEW_TOKENS) for p in PROMPTS]
     engine = NativeEngine(model)
     out = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
-    assert [[c.token_ids for c in cs] for cs in out] == [[r] for r in refs]
+    assert [[c.token_ids.tolist() for c in cs] for cs in out] == [[r] for r in refs]
     assert all(c.finish_reason == "length" and c.text is None for cs in out for c in cs)
+    assert all(c.token_ids.dtype == np.int64 and c.logprobs.dtype == np.float32 for cs in out for c in cs)
     assert len({tuple(r) for r in refs}) == len(refs)
 
     # Continuous batching: 2 seats, tiny blocks and token budget, staggered lengths -> same tokens.
     small = NativeEngine(model, block_size=4, max_num_seqs=2, max_num_batched_tokens=40)
     lengths = [48, 7, 30, 1, 19]
     out = small.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=n) for n in lengths])
-    assert [cs[0].token_ids for cs in out] == [r[:n] for r, n in zip(refs, lengths, strict=True)]
+    assert [cs[0].token_ids.tolist() for cs in out] == [r[:n] for r, n in zip(refs, lengths, strict=True)]
     assert small.last_stats["steps"] > max(lengths) + 1
 
 
@@ -135,13 +137,13 @@ def test_odd_vocabulary_never_samples_padding(tmp_path):
     prompts = make_prompts([5, 12, 20], 131, seed=1)
     engine = NativeEngine(model)
     out = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
-    assert [cs[0].token_ids for cs in out] == [hf_greedy(hf, p, 24) for p in prompts]
+    assert [cs[0].token_ids.tolist() for cs in out] == [hf_greedy(hf, p, 24) for p in prompts]
     hot = engine.generate(prompts, SamplingParams(n=8, temperature=2.0, seed=3, max_tokens=24))
-    ids = [t for cs in hot for c in cs for t in c.token_ids]
+    ids = [t for cs in hot for c in cs for t in c.token_ids.tolist()]
     assert max(ids) < 131 and len(set(ids)) > 60
     c = hot[0][0]
-    want = torch.log_softmax(full_logits(model, prompts[0], c.token_ids) / 2.0, dim=-1)
-    got = want.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+    want = torch.log_softmax(full_logits(model, prompts[0], c.token_ids.tolist()) / 2.0, dim=-1)
+    got = want.gather(1, torch.tensor(c.token_ids.tolist())[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(c.logprobs), got, rtol=0, atol=1e-4)
 
 
@@ -150,11 +152,11 @@ def test_logprobs_equal_full_forward_log_softmax(qwen):
     out = NativeEngine(qwen, block_size=8).generate(PROMPTS[:3], params)
     for prompt, cs in zip(PROMPTS, out, strict=False):
         for c in cs:
-            logp = torch.log_softmax(full_logits(qwen, prompt, c.token_ids) / 0.7, dim=-1)
-            want = logp.gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+            logp = torch.log_softmax(full_logits(qwen, prompt, c.token_ids.tolist()) / 0.7, dim=-1)
+            want = logp.gather(1, torch.tensor(c.token_ids.tolist())[:, None]).squeeze(1)
             torch.testing.assert_close(torch.tensor(c.logprobs), want, rtol=0, atol=1e-4)
     greedy = NativeEngine(qwen).generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=8))[0][0]
-    want = torch.log_softmax(full_logits(qwen, PROMPTS[0], greedy.token_ids), dim=-1).max(dim=-1).values
+    want = torch.log_softmax(full_logits(qwen, PROMPTS[0], greedy.token_ids.tolist()), dim=-1).max(dim=-1).values
     torch.testing.assert_close(torch.tensor(greedy.logprobs), want, rtol=0, atol=1e-4)
 
 
@@ -164,20 +166,20 @@ def test_fixed_seed_reproducible_and_n_samples_equal_independent_requests(qwen):
     a = engine.generate(PROMPTS, params)
     shared_prefill = engine.last_stats["prefill_tokens"]
     b = engine.generate(PROMPTS, params)
-    assert [[c.token_ids for c in cs] for cs in a] == [[c.token_ids for c in cs] for cs in b]
+    assert [[c.token_ids.tolist() for c in cs] for cs in a] == [[c.token_ids.tolist() for c in cs] for cs in b]
     # The prompt's KV is computed once for its 4 samples.
     assert shared_prefill == sum(len(p) for p in PROMPTS)
-    samples = {tuple(c.token_ids) for cs in a for c in cs}
+    samples = {tuple(c.token_ids.tolist()) for cs in a for c in cs}
     assert len(samples) == 4 * len(PROMPTS)
 
     singles = [SamplingParams(temperature=1.0, seed=99 + j, max_tokens=20) for j in range(4)]
     for prompt, cs in zip(PROMPTS, a, strict=True):
         alone = engine.generate([prompt] * 4, singles)
-        assert [c.token_ids for c in cs] == [s[0].token_ids for s in alone]
+        assert [c.token_ids.tolist() for c in cs] == [s[0].token_ids.tolist() for s in alone]
         for c, s in zip(cs, alone, strict=True):
             torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(s[0].logprobs), rtol=0, atol=1e-5)
     other = engine.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, seed=100, max_tokens=20))
-    assert [cs[0].token_ids for cs in other] == [cs[1].token_ids for cs in a]
+    assert [cs[0].token_ids.tolist() for cs in other] == [cs[1].token_ids.tolist() for cs in a]
 
 
 def nucleus_violations(model, prompt, tokens, temperature, top_p):
@@ -194,9 +196,9 @@ def test_top_p_restricts_to_the_nucleus(qwen):
     truncated = engine.generate(PROMPTS[:2], SamplingParams(top_p=0.3, **kw))
     full = engine.generate(PROMPTS[:2], SamplingParams(top_p=1.0, **kw))
     for prompt, cs_t, cs_f in zip(PROMPTS, truncated, full, strict=False):
-        assert sum(nucleus_violations(qwen, prompt, c.token_ids, 1.5, 0.3) for c in cs_t) == 0
+        assert sum(nucleus_violations(qwen, prompt, c.token_ids.tolist(), 1.5, 0.3) for c in cs_t) == 0
         # Without top-p the same check fails: the test can tell truncation from none.
-        assert sum(nucleus_violations(qwen, prompt, c.token_ids, 1.5, 0.3) for c in cs_f) > 0
+        assert sum(nucleus_violations(qwen, prompt, c.token_ids.tolist(), 1.5, 0.3) for c in cs_f) > 0
 
 
 def test_first_token_distribution_matches_softmax():
@@ -206,7 +208,7 @@ def test_first_token_distribution_matches_softmax():
     n = 3000
     engine = NativeEngine(model, max_num_seqs=256)
     out = engine.generate([prompt], SamplingParams(n=n, temperature=1.0, seed=0, max_tokens=1))[0]
-    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out]), minlength=8).double()
+    counts = torch.bincount(torch.tensor([int(c.token_ids[0]) for c in out]), minlength=8).double()
     probs = torch.softmax(full_logits(model, prompt, [0])[0].double(), dim=-1)
     assert probs.min() > 0.01  # every bin has a usable expected count
     chi2 = float(((counts - n * probs) ** 2 / (n * probs)).sum())
@@ -227,23 +229,27 @@ def test_small_kv_budget_preempts_without_changing_outputs(qwen):
         got = tight.generate(PROMPTS, params)
         assert tight.last_stats["preemptions"] > 0
         assert roomy.last_stats["preemptions"] == 0
-        assert [[c.token_ids for c in cs] for cs in got] == [[c.token_ids for c in cs] for cs in want]
+        assert [[c.token_ids.tolist() for c in cs] for cs in got] == [[c.token_ids.tolist() for c in cs] for cs in want]
+        # each sequence's log-probs land in its own slice, in order, across preemptions and recomputes
+        for cs_got, cs_want in zip(got, want, strict=True):
+            for a, b in zip(cs_got, cs_want, strict=True):
+                np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
 
 
 def test_stop_token_ids_and_context_limit(qwen):
     engine = NativeEngine(qwen)
     greedy = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
-    ref = greedy[1][0].token_ids
+    ref = greedy[1][0].token_ids.tolist()
     stop = ref[10]
     first = ref.index(stop)
     out = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop_token_ids=[stop]))
-    assert out[0][0].token_ids == ref[: first + 1]
+    assert out[0][0].token_ids.tolist() == ref[: first + 1]
     assert out[0][0].finish_reason == "stop"
     assert len(out[0][0].logprobs) == first + 1
 
     limited = NativeEngine(qwen, max_model_len=len(PROMPTS[1]) + 5)
     out = limited.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS))
-    assert out[0][0].token_ids == ref[:5]
+    assert out[0][0].token_ids.tolist() == ref[:5]
     assert out[0][0].finish_reason == "length"
 
 
@@ -252,7 +258,7 @@ def test_optimizer_update_is_seen_without_a_copy(tmp_path):
     engine = NativeEngine(model)
     prompt = PROMPTS[1]
     params = SamplingParams(temperature=0, max_tokens=16)
-    before = engine.generate([prompt], params)[0][0].token_ids
+    before = engine.generate([prompt], params)[0][0].token_ids.tolist()
     ptrs = {name: p.data_ptr() for name, p in model.named_parameters()}
 
     # One optimizer step that makes token 7 the model's favourite continuation.
@@ -263,7 +269,7 @@ def test_optimizer_update_is_seen_without_a_copy(tmp_path):
     loss.backward()
     opt.step()
 
-    after = engine.generate([prompt], params)[0][0].token_ids
+    after = engine.generate([prompt], params)[0][0].token_ids.tolist()
     assert after != before
     ref = []
     for _ in range(16):

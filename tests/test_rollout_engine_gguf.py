@@ -64,7 +64,7 @@ def test_greedy_matches_transformers(smollm, greedy):
     prompts, refs, got = greedy
     assert len({len(p) for p in prompts}) == len(prompts)
     for ref, c in zip(refs, got, strict=True):
-        assert c.token_ids == ref
+        assert c.token_ids.tolist() == ref
         assert c.finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
         assert c.text == tok.decode(ref, skip_special_tokens=True)
     assert any(len(r) == NEW_TOKENS for r in refs)
@@ -83,10 +83,10 @@ def test_stop_string_is_kept_and_cuts_the_text(smollm, greedy):
     assert c.finish_reason == "stop"
     assert c.text == text[:end]
     n = len(c.token_ids)
-    assert c.token_ids == full.token_ids[:n]
+    assert c.token_ids.tolist() == full.token_ids.tolist()[:n]
     assert len(c.logprobs) == n
     # The last token is the one completing the stop string.
-    assert stop in tok.decode(c.token_ids, skip_special_tokens=True)
+    assert stop in tok.decode(c.token_ids.tolist(), skip_special_tokens=True)
     assert stop not in tok.decode(c.token_ids[:-1], skip_special_tokens=True)
 
 
@@ -117,4 +117,4 @@ def test_stop_strings_on_random_byte_level_text(smollm):
         (cut,) = engine.generate([prompt], SamplingParams(temperature=1.0, seed=3 + j, max_tokens=40, stop=[stop]))[0]
         assert cut.finish_reason == "stop", (text, stop)
         assert cut.text == text[:end]
-        assert cut.token_ids == c.token_ids[: len(cut.token_ids)]
+        assert cut.token_ids.tolist() == c.token_ids.tolist()[: len(cut.token_ids)]

@@ -34,11 +34,11 @@ def trainer_logprobs(model, prompts, completions, temperature):
     for prompt, cs in zip(prompts, completions, strict=True):
         for c in cs:
             start = len(ids)
-            ids += prompt + c.token_ids
+            ids += prompt + c.token_ids.tolist()
             bounds.append(len(ids))
             rows += [start + len(prompt) - 1 + t for t in range(len(c.token_ids))]
-            targets += c.token_ids
-            rollout += c.logprobs
+            targets += c.token_ids.tolist()
+            rollout += c.logprobs.tolist()
     want = packed_token_logprobs(
         model,
         torch.tensor(ids),
@@ -79,7 +79,7 @@ def test_triton_decode_attention_runs_the_engine():
     params = SamplingParams(temperature=0, max_tokens=12)
     want = NativeEngine(model, block_size=4).generate(prompts, params)
     got = NativeEngine(model, block_size=4, decode_attention="triton").generate(prompts, params)
-    assert [cs[0].token_ids for cs in got] == [cs[0].token_ids for cs in want]
+    assert [cs[0].token_ids.tolist() for cs in got] == [cs[0].token_ids.tolist() for cs in want]
     trainer, rollout = trainer_logprobs(model, prompts, got, 1.0)
     assert float((trainer - rollout).abs().max()) <= 1e-6
     with pytest.raises(ValueError, match="decode_attention must be None or one of"):

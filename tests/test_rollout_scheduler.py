@@ -18,7 +18,7 @@ def request(prompt_len: int, *, n: int = 1, max_tokens: int = 8) -> Request:
     )
 
 
-STOP = StopChecker()  # no tokenizer: stop ids and lengths only, completions without text
+STOP = StopChecker()  # no tokenizer: stop ids and lengths only, no text
 
 
 def check_blocks(sched: Scheduler) -> None:
@@ -40,7 +40,7 @@ def run(sched: Scheduler, token: int = 7) -> list:
         step = sched.schedule()
         steps.append(step)
         rows = step.sequences
-        sched.update(step, [token] * len(rows), [0.0] * len(rows), STOP)
+        sched.update(step, [token] * len(rows), STOP)
         check_blocks(sched)
     return steps
 
@@ -61,7 +61,7 @@ def test_prompt_is_prefilled_once_and_shared_across_n():
     assert pf.copies == [(partials[0], p) for p in partials[1:]]
     # two-ended allocation: the shared blocks are the lowest ids, the owned ones the highest
     assert full == [0, 1] and sorted(partials) == [60, 61, 62, 63]
-    sched.update(first, [5] * 4, [0.0] * 4, STOP)
+    sched.update(first, [5] * 4, STOP)
     second = sched.schedule()
     assert not second.prefills and [s.sample for s in second.decodes] == [0, 1, 2, 3]
     run(sched)
@@ -77,7 +77,7 @@ def test_mixed_prefill_and_decode_steps_within_the_token_budget():
     assert len(steps[1].decodes) == 2
     for s in steps:
         assert sum(len(pf.token_ids) for pf in s.prefills) + len(s.decodes) <= 52
-    assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for r in reqs for c in r.completions)
+    assert all(s.finish_reason == "length" and len(s.tokens) == 8 for r in reqs for s in r.finished)
 
 
 def test_seats_split_a_request_across_steps():
@@ -105,11 +105,11 @@ def test_preemption_takes_the_youngest_and_recomputes_its_tokens():
             if seq.tokens:  # a preempted sequence: prompt plus what it had generated
                 recomputed.append((seq.order, list(pf.token_ids)))
                 assert pf.token_ids == seq.request.prompt + seq.tokens
-        sched.update(step, [3] * len(step.sequences), [0.0] * len(step.sequences), STOP)
+        sched.update(step, [3] * len(step.sequences), STOP)
         check_blocks(sched)
     assert sched.preemptions > 0
     assert recomputed and all(order == 2 for order, _ in recomputed)  # the youngest admitted
-    assert all(c is not None and len(c.token_ids) == 8 for r in reqs for c in r.completions)
+    assert all(s is not None and len(s.tokens) == 8 for r in reqs for s in r.finished)
     assert sched.alloc.num_free == 9
 
 

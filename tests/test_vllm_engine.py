@@ -111,7 +111,7 @@ def test_greedy_equals_transformers_and_native(checkpoints, engines, name):
     native = NativeEngine(policy).generate(PROMPTS, GREEDY)
     for prompt, (c,), (n,) in zip(PROMPTS, outs, native, strict=True):
         tokens, lps = transformers_greedy(hf, prompt, GREEDY.max_tokens)
-        assert c.token_ids == tokens == n.token_ids
+        assert c.token_ids.tolist() == tokens == n.token_ids.tolist()
         assert c.finish_reason == "length"
         assert_close(c.logprobs, n.logprobs)
         assert_close(c.logprobs, lps)
@@ -124,7 +124,7 @@ def test_push_after_an_optimizer_step_serves_the_new_weights(checkpoints, engine
     policy = load_pretrained(path)
     engine = engines[name]
     engine.update_weights(policy)
-    before = [o[0].token_ids for o in engine.generate(PROMPTS, GREEDY)]
+    before = [o[0].token_ids.tolist() for o in engine.generate(PROMPTS, GREEDY)]
     opt = torch.optim.AdamW(policy.parameters(), lr=0.05)
     ids = torch.tensor([t for p in PROMPTS for t in p])
     cu = torch.tensor([0, *torch.tensor([len(p) for p in PROMPTS]).cumsum(0).tolist()], dtype=torch.int32)
@@ -134,10 +134,10 @@ def test_push_after_an_optimizer_step_serves_the_new_weights(checkpoints, engine
     engine.update_weights(policy)
     after = engine.generate(PROMPTS, GREEDY)
     native = NativeEngine(policy).generate(PROMPTS, GREEDY)
-    assert [o[0].token_ids for o in after] == [o[0].token_ids for o in native]
+    assert [o[0].token_ids.tolist() for o in after] == [o[0].token_ids.tolist() for o in native]
     for (c,), (n,) in zip(after, native, strict=True):
         assert_close(c.logprobs, n.logprobs)
-    assert [o[0].token_ids for o in after] != before
+    assert [o[0].token_ids.tolist() for o in after] != before
 
 
 def test_tp2_policy_pushes_to_a_tp1_engine(checkpoints, tmp_path):
@@ -167,7 +167,7 @@ def test_seeds_reproduce_across_batch_order_and_n_samples_differ(checkpoints, en
     first = engine.generate([a, b], params)
     swapped = engine.generate([b, PROMPTS[1], a], params)
     alone = engine.generate([a], params)
-    key = lambda cs: [c.token_ids for c in cs]  # noqa: E731
+    key = lambda cs: [c.token_ids.tolist() for c in cs]  # noqa: E731
     assert key(first[0]) == key(swapped[2]) == key(alone[0])
     assert key(first[1]) == key(swapped[0])
     assert len(first[0]) == 3 and len({tuple(t) for t in key(first[0])}) > 1
@@ -175,7 +175,7 @@ def test_seeds_reproduce_across_batch_order_and_n_samples_differ(checkpoints, en
     assert key(other_seed[0]) != key(first[0])
     for prompt, completions in ((a, first[0]), (b, first[1])):
         for c in completions:
-            assert_close(c.logprobs, transformers_logprobs(hf, prompt, c.token_ids, 0.8))
+            assert_close(c.logprobs, transformers_logprobs(hf, prompt, c.token_ids.tolist(), 0.8))
 
 
 def test_seeded_batch_larger_than_one_prefill_step(checkpoints, engines):
@@ -189,7 +189,9 @@ def test_seeded_batch_larger_than_one_prefill_step(checkpoints, engines):
     batch = engine.generate(prompts, params)
     assert all(len(c.token_ids) == 8 for cs in batch for c in cs)
     for i in (0, 39):
-        assert [c.token_ids for c in engine.generate([prompts[i]], params)[0]] == [c.token_ids for c in batch[i]]
+        assert [c.token_ids.tolist() for c in engine.generate([prompts[i]], params)[0]] == [
+            c.token_ids.tolist() for c in batch[i]
+        ]
 
 
 def test_stop_strings_stop_ids_and_max_tokens_match_the_native_engine(checkpoints, engines):
@@ -205,19 +207,20 @@ def test_stop_strings_stop_ids_and_max_tokens_match_the_native_engine(checkpoint
     stop = full.text[3:5]
     cases = {
         "stop string": SamplingParams(temperature=0.0, max_tokens=24, stop=[stop]),
-        "stop id": SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[full.token_ids[4]]),
+        "stop id": SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[int(full.token_ids[4])]),
         "max_tokens": SamplingParams(temperature=0.0, max_tokens=5),
     }
     for case, params in cases.items():
         (got,) = engine.generate(prompt, params)[0]
         (want,) = native.generate(prompt, params)[0]
-        assert (got.token_ids, got.finish_reason, got.text) == (want.token_ids, want.finish_reason, want.text), case
+        assert got.token_ids.tolist() == want.token_ids.tolist(), case
+        assert (got.finish_reason, got.text) == (want.finish_reason, want.text), case
     (by_string,) = engine.generate(prompt, cases["stop string"])[0]
     assert by_string.finish_reason == "stop" and by_string.text.endswith(stop)
     (by_id,) = engine.generate(prompt, cases["stop id"])[0]
-    assert by_id.finish_reason == "stop" and by_id.token_ids == full.token_ids[:5]
+    assert by_id.finish_reason == "stop" and by_id.token_ids.tolist() == full.token_ids[:5].tolist()
     (cut,) = engine.generate(prompt, cases["max_tokens"])[0]
-    assert cut.finish_reason == "length" and cut.token_ids == full.token_ids[:5]
+    assert cut.finish_reason == "length" and cut.token_ids.tolist() == full.token_ids[:5].tolist()
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from dist_models_worker import LLAMA_ARCH, QWEN2_ARCH, make_hf_checkpoint
@@ -368,7 +369,9 @@ def test_vllm_completion_is_converted_with_sampled_token_logprobs():
         token_ids=(5, 9), logprobs=[{5: lp(-0.5), 7: lp(-0.1)}, {9: lp(-2.0)}], finish_reason="length", text="ab"
     )
     c = completion_from_vllm(out, with_text=True)
-    assert (c.token_ids, c.logprobs, c.finish_reason, c.text) == ([5, 9], [-0.5, -2.0], "length", "ab")
+    assert c.token_ids.dtype == np.int64 and c.logprobs.dtype == np.float32  # arrays, as the native engine's
+    assert (c.token_ids.tolist(), c.logprobs.tolist()) == ([5, 9], [-0.5, -2.0])
+    assert (c.finish_reason, c.text) == ("length", "ab")
     assert completion_from_vllm(out, with_text=False).text is None
     with pytest.raises(RuntimeError, match="finish_reason='abort'"):
         completion_from_vllm(SimpleNamespace(**{**out.__dict__, "finish_reason": "abort"}), with_text=True)

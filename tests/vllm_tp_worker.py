@@ -67,8 +67,8 @@ def main(ckpt: Path, out: Path) -> None:
         outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
         report = {
             "buckets": buckets,
-            "tokens": [o[0].token_ids for o in outs],
-            "logprobs": [o[0].logprobs for o in outs],
+            "tokens": [o[0].token_ids.tolist() for o in outs],
+            "logprobs": [o[0].logprobs.tolist() for o in outs],
         }
         (out / "report.json").write_text(json.dumps(report))
         engine.shutdown()

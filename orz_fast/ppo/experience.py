@@ -276,7 +276,8 @@ def from_completions(
 
     Args:
         completions: per prompt of this rank, its ``n`` completions (``token_ids``, ``logprobs``,
-            ``finish_reason``), as the rollout engines return them.
+            ``finish_reason``), as the rollout engines return them: numpy arrays, concatenated into the step's
+            buffers in one pass (Python lists and 1-D tensors are taken too; lists cost a per-token conversion).
         slots: the step's prompt slot of each of those prompts.
         prompt_tokens, prompt_offsets: the step's prompts (:func:`step_prompts`).
         scores: one score per completion, prompt-major.

@@ -68,8 +68,9 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, cache: PagedKVCache, step: ScheduledStep) -> tuple[list[int], list[float]]:
-        """One forward over the step's packed tokens; returns the sampled token and its log-prob per sequence."""
+    def run(self, cache: PagedKVCache, step: ScheduledStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over the step's packed tokens; returns the sampled tokens (int64 [R]) and their log-probs
+        (fp32 [R]), one per sequence in ``step.sequences`` order, on the model's device (no host sync here)."""
         attention, input_ids = self._attention_context(cache, step)
         hidden = self._forward(input_ids, attention)
         self.kv_bytes_read += attention.kv_bytes_read
@@ -88,8 +89,7 @@ class ModelRunner:
         tokens, logprobs = self._sample(hidden, seqs)
         if self.pp > 1:
             self._send_samples(tokens, logprobs)
-        # One host sync per step: the scheduler needs the tokens to decide who stops.
-        return tokens.tolist(), logprobs.tolist()
+        return tokens, logprobs
 
     def _attention_context(self, cache: PagedKVCache, step: ScheduledStep) -> tuple[PagedAttention, torch.Tensor]:
         bs, dev = cache.block_size, self.device
@@ -185,8 +185,8 @@ class ModelRunner:
         both = torch.stack((tokens.double(), logprobs.double()))
         dist.broadcast(both, src=parallel.last_stage_rank(), group=parallel.pp_group())
 
-    def _receive_samples(self, rows: int) -> tuple[list[int], list[float]]:
-        """Earlier stages: the last stage's tokens and log-probs of this step."""
+    def _receive_samples(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Earlier stages: the last stage's tokens (int64) and log-probs (fp32, exact: they were fp32) of this step."""
         both = torch.empty(2, rows, dtype=torch.float64, device=self.device)
         dist.broadcast(both, src=parallel.last_stage_rank(), group=parallel.pp_group())
-        return both[0].long().tolist(), both[1].tolist()
+        return both[0].long(), both[1].float()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import get_args
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -39,8 +40,67 @@ from orz_fast.models.paged import DecodeBackend
 from orz_fast.rollout.kv_budget import kv_cache_bytes as resolve_kv_cache_bytes
 from orz_fast.rollout.model_runner import ModelRunner
 from orz_fast.rollout.sampling import Completion, SamplingParams, params_per_prompt
-from orz_fast.rollout.scheduler import Request, Scheduler, cdiv
+from orz_fast.rollout.scheduler import Request, Scheduler, Sequence, cdiv
 from orz_fast.rollout.stopping import StopChecker
+
+
+class StepOutputs:
+    """Every step's sampled tokens and log-probs, kept as that step's arrays on the device, with the sequence
+    (admission order) and output position of each row on the host. At the end of ``generate`` one copy to the
+    host and one scatter lay every sequence's outputs end to end in two flat buffers (int64 ids, fp32
+    log-probs); each :class:`Completion` holds views of its slice.
+
+    A preempted sequence keeps the tokens it had (it is recomputed, not resampled), so each sequence's rows
+    over the steps are exactly its outputs, at positions 0, 1, ... in step order: a row's position is the
+    count of its sequence's earlier rows (one vectorised update per step)."""
+
+    def __init__(self, num_seqs: int) -> None:
+        self.counts = np.zeros(num_seqs, dtype=np.int64)
+        """Rows recorded so far per sequence (admission order); at the end, each sequence's output length."""
+        self.orders: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+        self.tokens: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+
+    def add(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """One step's rows (``seqs`` distinct, in row order)."""
+        orders = np.fromiter((s.order for s in seqs), dtype=np.int64, count=len(seqs))
+        self.orders.append(orders)
+        self.positions.append(self.counts[orders])
+        self.counts[orders] += 1
+        self.tokens.append(tokens)
+        self.logprobs.append(logprobs)
+
+    def completions(self, requests: list[Request], *, with_text: bool) -> list[list[Completion]]:
+        """Per request, the completions of its finished samples in sample order."""
+        for r in requests:
+            for s in r.finished:
+                if s is None:
+                    raise RuntimeError("generate ended with an unfinished sample")
+                if len(s.tokens) != self.counts[s.order]:
+                    raise RuntimeError(f"a sample has {len(s.tokens)} tokens but {self.counts[s.order]} sampled rows")
+        starts = np.zeros(len(self.counts) + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=starts[1:])
+        dest = starts[np.concatenate(self.orders)] + np.concatenate(self.positions)
+        token_ids = np.empty(len(dest), dtype=np.int64)
+        logprobs = np.empty(len(dest), dtype=np.float32)
+        token_ids[dest] = torch.cat(self.tokens).cpu().numpy()
+        logprobs[dest] = torch.cat(self.logprobs).cpu().numpy()
+        out = []
+        for r in requests:
+            group = []
+            for s in r.finished:
+                a, b = starts[s.order], starts[s.order + 1]
+                group.append(
+                    Completion(
+                        token_ids=token_ids[a:b],
+                        logprobs=logprobs[a:b],
+                        finish_reason=s.finish_reason,
+                        text=s.text if with_text else None,
+                    )
+                )
+            out.append(group)
+        return out
 
 
 def _check_plain_tp_linears(model: PolicyModel) -> None:
@@ -162,15 +222,18 @@ class NativeEngine:
         runner = self.runner
         runner.kv_bytes_read = runner.kv_bytes_min = 0
         stats = dict.fromkeys(("steps", "prefill_tokens", "decode_tokens"), 0)
+        outputs = StepOutputs(sum(r.params.n for r in requests))
         cache = runner.new_cache(num_blocks, self.block_size)
         try:
             while not scheduler.done:
                 step = scheduler.schedule()
                 tokens, logprobs = runner.run(cache, step)
+                outputs.add(step.sequences, tokens, logprobs)
                 stats["steps"] += 1
                 stats["prefill_tokens"] += sum(len(pf.token_ids) for pf in step.prefills)
                 stats["decode_tokens"] += len(step.decodes)
-                scheduler.update(step, tokens, logprobs, stop)
+                # One host sync per step: the scheduler needs the tokens to decide who stops.
+                scheduler.update(step, tokens.tolist(), stop)
         finally:
             del cache  # the cache is the rollout's alone: training gets the memory back
         self.last_stats = {
@@ -181,7 +244,7 @@ class NativeEngine:
             "kv_bytes_read": runner.kv_bytes_read,
             "kv_bytes_min": runner.kv_bytes_min,
         }
-        return [list(r.completions) for r in requests]
+        return outputs.completions(requests, with_text=self.tokenizer is not None)
 
     # ------------------------------------------------------------------ setup
 

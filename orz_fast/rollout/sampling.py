@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 
@@ -56,12 +57,14 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One generated response."""
+    """One generated response. The engines hand back numpy arrays, often views of one buffer per ``generate``
+    call (the trainer concatenates them without per-token Python work)."""
 
-    token_ids: list[int]
-    """Generated tokens (a stop token or the token completing a stop string is included)."""
-    logprobs: list[float]
-    """Sampling log-probs: ``log_softmax(logits / temperature)`` at each token (temperature 1 when greedy)."""
+    token_ids: np.ndarray
+    """int64 [L]: generated tokens (a stop token or the token completing a stop string is included)."""
+    logprobs: np.ndarray
+    """float32 [L]: sampling log-probs, ``log_softmax(logits / temperature)`` at each token (temperature 1 when
+    greedy)."""
     finish_reason: Literal["stop", "length"]
     """``stop``: a stop token or string ended it; ``length``: ``max_tokens`` (or the context) ran out."""
     text: str | None = None

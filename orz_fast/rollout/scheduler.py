@@ -12,7 +12,9 @@ and a seat budget (``max_num_seqs``):
 
 The engine runs the step (:class:`~orz_fast.rollout.model_runner.ModelRunner`), then calls
 :meth:`Scheduler.update` with the sampled tokens; a stop rule (:mod:`orz_fast.rollout.stopping`)
-says which sequences are finished, and their blocks are released.
+says which sequences are finished, and their blocks are released. The scheduler keeps the tokens
+(the next step's inputs, a preempted sequence's recompute, the stop rule's); the log-probs never
+pass through it (the engine keeps each step's as one array).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from orz_fast.rollout.kv_cache import BlockAllocator
-from orz_fast.rollout.sampling import Completion, SamplingParams
+from orz_fast.rollout.sampling import SamplingParams
 
 _INT64_WRAP = 1 << 64
 
@@ -40,7 +43,7 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(eq=False)
 class Request:
-    """One prompt with its sampling parameters and the completions of its ``n`` samples."""
+    """One prompt with its sampling parameters and its ``n`` samples once they are finished."""
 
     prompt: list[int]
     params: SamplingParams
@@ -49,11 +52,12 @@ class Request:
     """Prompt plus generated tokens at which a sample stops: min(prompt + max_tokens, context)."""
     stop_ids: frozenset[int] = frozenset()
     max_stop_chars: int = 0
-    completions: list[Completion | None] = field(default_factory=list)
+    finished: list[Sequence | None] = field(default_factory=list)
+    """Per sample, its :class:`Sequence` once a stop rule ended it (None before)."""
 
     def __post_init__(self) -> None:
-        if not self.completions:
-            self.completions = [None] * self.params.n
+        if not self.finished:
+            self.finished = [None] * self.params.n
 
 
 @dataclass(eq=False)
@@ -66,9 +70,11 @@ class Sequence:
     """Admission order: preemption takes the youngest (largest) first."""
     blocks: list[int]
     tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
     text: str = ""
-    """Detokenised output so far (kept only when the request has stop strings)."""
+    """Detokenised output so far (kept only when the request has stop strings); the whole output once finished
+    (when the engine has a tokenizer)."""
+    finish_reason: Literal["stop", "length"] | None = None
+    """Set by the stop rule that ends the sequence."""
     prefix_offset: int = 0
     read_offset: int = 0
 
@@ -144,18 +150,16 @@ class Scheduler:
             )
         return ScheduledStep(prefills, decodes)
 
-    def update(
-        self, step: ScheduledStep, tokens: list[int], logprobs: list[float], finished: Callable[[Sequence], bool]
-    ) -> None:
-        """Append each sequence's sampled token; ``finished(seq)`` (after the append) retires it and frees its
-        blocks."""
+    def update(self, step: ScheduledStep, tokens: list[int], finished: Callable[[Sequence], bool]) -> None:
+        """Append each sequence's sampled token; ``finished(seq)`` (after the append) retires it into
+        ``request.finished`` and frees its blocks."""
         still = []
-        for seq, token, logprob in zip(step.sequences, tokens, logprobs, strict=True):
+        for seq, token in zip(step.sequences, tokens, strict=True):
             seq.tokens.append(token)
-            seq.logprobs.append(logprob)
             if finished(seq):
                 self.alloc.release(seq.blocks)
                 seq.blocks = []
+                seq.request.finished[seq.sample] = seq
             else:
                 still.append(seq)
         self.running = sorted(still, key=lambda s: s.order)

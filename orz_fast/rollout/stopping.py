@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-from orz_fast.rollout.sampling import Completion, find_stop
+from orz_fast.rollout.sampling import find_stop
 from orz_fast.rollout.scheduler import Sequence
 
 
 class StopChecker:
-    """Decides after each sampled token whether a sequence is finished, and stores its :class:`Completion`.
+    """Decides after each sampled token whether a sequence is finished, and sets its ``finish_reason`` and
+    (with a tokenizer) its whole ``text``.
 
-    Stop strings are matched on incrementally detokenised text (``tokenizer`` needed); the completion's
-    text is cut right after the stop string. Without a tokenizer completions carry no text.
+    Stop strings are matched on incrementally detokenised text (``tokenizer`` needed); the text is cut
+    right after the stop string. Without a tokenizer the text is left as it is (completions carry none).
     """
 
     def __init__(self, tokenizer=None) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, seq: Sequence) -> bool:
-        """True (and ``seq.request.completions[seq.sample]`` set) when ``seq``'s last token ends it."""
+        """True (and ``seq.finish_reason`` set) when ``seq``'s last token ends it."""
         req = seq.request
         token = seq.tokens[-1]
         reason: Literal["stop", "length"] | None = None
@@ -32,12 +33,9 @@ class StopChecker:
             reason = "length"
         if reason is None:
             return False
-        text = None
-        if self.tokenizer is not None:
-            text = seq.text if cut else self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
-        req.completions[seq.sample] = Completion(
-            token_ids=seq.tokens, logprobs=seq.logprobs, finish_reason=reason, text=text
-        )
+        if self.tokenizer is not None and not cut:
+            seq.text = self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        seq.finish_reason = reason
         return True
 
     def _stop_string_hit(self, seq: Sequence) -> bool:

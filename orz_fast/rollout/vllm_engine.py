@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from orz_fast.models.decoder import PolicyModel
@@ -190,14 +191,19 @@ def vllm_sampling_kwargs(params: SamplingParams, *, detokenize: bool) -> dict:
 
 
 def completion_from_vllm(output, *, with_text: bool) -> Completion:
-    """A :class:`Completion` from one ``vllm.CompletionOutput`` (requested with ``logprobs=0``)."""
+    """A :class:`Completion` (int64 ids, fp32 log-probs) from one ``vllm.CompletionOutput`` (requested with
+    ``logprobs=0``: per position a dict from token id to ``Logprob``, the sampled token among them)."""
     if output.finish_reason not in ("stop", "length"):
         raise RuntimeError(f"vLLM finished a completion with finish_reason={output.finish_reason!r}")
-    token_ids = list(output.token_ids)
+    token_ids = np.asarray(output.token_ids, dtype=np.int64)
     if output.logprobs is None or len(output.logprobs) != len(token_ids):
         got = None if output.logprobs is None else len(output.logprobs)
         raise RuntimeError(f"vLLM returned {got} log-prob entries for {len(token_ids)} tokens")
-    logprobs = [float(step[t].logprob) for t, step in zip(token_ids, output.logprobs, strict=True)]
+    logprobs = np.fromiter(
+        (step[t].logprob for t, step in zip(token_ids.tolist(), output.logprobs, strict=True)),
+        dtype=np.float32,
+        count=len(token_ids),
+    )
     return Completion(
         token_ids=token_ids,
         logprobs=logprobs,
