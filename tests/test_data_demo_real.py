@@ -32,10 +32,10 @@ def test_answers_sets_and_examples():
         numbers = _numbers(row)
         assert len(set(numbers)) == 3 and all(10 <= n <= 99 for n in numbers)
         assert row["answer"] == str(max(numbers))
-    # The largest number sits in each position about a third of the time, in the examples exactly once.
+    # The largest number sits in each position about a third of the time, in the examples never twice in one.
     positions = [_numbers(r).index(int(r["answer"])) for r in heldout]
     assert all(25 <= positions.count(i) <= 60 for i in range(3))
-    assert sorted(ex.index(max(ex)) for ex in demo_real.EXAMPLES) == [0, 1, 2]
+    assert len({ex.index(max(ex)) for ex in demo_real.EXAMPLES}) == len(demo_real.EXAMPLES)
     # Smaller sets are the first rows of the same stream (held-out rows come first).
     assert demo_real.demo_real_sets(5, 3)[1] == heldout[:3]
     with pytest.raises(ValueError, match="train_size=-1"):
@@ -45,7 +45,7 @@ def test_answers_sets_and_examples():
 def test_prompt_examples_parse_and_end_before_the_answer():
     text = render_prompt(demo_real.prompt((12, 99, 40)), "plain")
     turns = text.split("\n")
-    assert turns[-2] == "User: Which is the largest of 12, 99 and 40?" and turns[-1] == "Assistant: "
+    assert turns[-2] == "User: Largest of 12, 99, 40?" and turns[-1] == "Assistant: "
     answers = [extract_answer(t) for t in turns if t.startswith("Assistant:  <answer>")]
     assert answers == [str(max(ex)) for ex in demo_real.EXAMPLES]
     assert json.loads(json.dumps(demo_real.demo_real_sets(1, 0)[0][0]))["answer"].isdigit()

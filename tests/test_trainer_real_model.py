@@ -1,5 +1,5 @@
-"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (fewer, shorter samples): ORZ's template
-without a chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval`` loads with
+"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (fewer samples): its task file, ORZ's
+template without a chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval`` loads with
 its own tokenizer."""
 
 import json
@@ -31,18 +31,18 @@ def real_run(tmp_path_factory):
 def test_demo_real_trains_a_step_and_records_it(real_run):
     gguf, out, result = real_run
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["path"] == str(gguf) and config["data"]["template"] == "orz"
+    assert config["model"]["path"] == str(gguf) and config["data"]["template"] == "plain"
     (record,) = read_metrics(out / "metrics.jsonl")
     for key, value in record.items():
         assert isinstance(value, (int, float)) and value == value, (key, value)  # finite, no "nan"
     assert "explained_variance" in record and "value_loss" in record  # the critic trained (GAE)
     lines = [json.loads(x) for x in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 and all(x["source"] == "synthetic:comparison" for x in lines)
+    assert len(lines) == 2 and all(x["source"].endswith("demo_real/train.jsonl") for x in lines)
     (samples,) = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples["samples"]) == 4 and all(s["response"] for s in samples["samples"])
     stats = json.loads((out / "data_stats.json").read_text())["train"]
-    assert stats["too_long"] == 0 and stats["longest_prompt_tokens"] <= 512
-    assert "train prompts: 10000 of 10000 rows kept" in result.stdout
+    assert stats["too_long"] == 0 and stats["longest_prompt_tokens"] <= 256
+    assert "train prompts: 1000 of 1000 rows kept" in result.stdout
     assert not (out / "checkpoints").exists()  # the preset checkpoints nothing (ckpt.every=0)
 
 

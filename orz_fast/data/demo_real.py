@@ -1,4 +1,4 @@
-"""The ``demo-real`` task: the largest of three two-digit numbers, asked with three worked examples.
+"""The ``demo-real`` task: the largest of three two-digit numbers, asked with two worked examples.
 
 ``python -m orz_fast.data.demo_real [OUT_DIR]`` writes ``train.jsonl`` and ``heldout.jsonl`` (JSONL rows with
 ``prompt`` and ``answer``, what ``data.train`` and ``python -m orz_fast.eval --data`` read) into ``OUT_DIR``
@@ -6,7 +6,7 @@
 this module's output).
 
 Why this task and this prompt (README, "Real-model demo"): SmolLM2-135M-Instruct scores 0 with ORZ's long
-template at 16-24 new tokens (it rarely writes ``<answer>``). Three examples in ``User:``/``Assistant:``
+template at 16-24 new tokens (it rarely writes ``<answer>``). Worked examples in ``User:``/``Assistant:``
 turns teach it the answer format from the prompt (about 98 % of its answers are well formed), so what RL
 can still gain is the task itself: the base model answers the largest number about a quarter of the time
 (a third if it picked one of the three at random) and the answers are spread over 90 numbers, so a
@@ -30,17 +30,17 @@ from pathlib import Path
 
 DEMO_REAL_DIR = Path(__file__).resolve().parent / "demo_real"
 """Where the ``demo-real`` preset's training and held-out files live (``train.jsonl``, ``heldout.jsonl``)."""
-EXAMPLES = ((95, 28, 70), (31, 84, 52), (47, 19, 63))
-"""The worked examples in every prompt: the largest comes first, second and third once each."""
+EXAMPLES = ((31, 84, 52), (47, 19, 63))
+"""The worked examples in every prompt (two: every prompt token is trained on, and on 2 cores the step's time
+is its tokens); the largest comes second, then third."""
 TRAIN_SIZE = 1000
 HELDOUT_SIZE = 128
 SEED = 0
 
 
 def question(numbers: tuple[int, ...]) -> str:
-    """``Which is the largest of a, b and c?``"""
-    *head, last = numbers
-    return f"Which is the largest of {', '.join(map(str, head))} and {last}?"
+    """``Largest of a, b, c?``"""
+    return f"Largest of {', '.join(map(str, numbers))}?"
 
 
 def prompt(numbers: tuple[int, ...]) -> str:
