@@ -1,6 +1,6 @@
-"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (fewer samples): its task file, ORZ's
-template without a chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval`` loads with
-its own tokenizer."""
+"""The ``demo-real`` preset end to end on the real SmolLM2-135M-Instruct GGUF (fewer samples): its task file,
+ORZ's template without a chat BOS, the step's records, no NaN, and a ``policy_hf/`` that ``python -m orz_fast.eval``
+loads with its own tokenizer."""
 
 import json
 import sys
