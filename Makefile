@@ -80,7 +80,7 @@ demo: install
 
 # The real-model demo (README, "Real-model demo"): SmolLM2-135M-Instruct on the held-out problems, ORZ PPO on
 # the training problems, the curves, the trained policy on the same held-out problems (avg@4 beside the best
-# constant answer and the distribution of answers). Starts over in runs/demo-real[-SEED]; make demo-real SEED=1.
+# constant answer and the distribution of answers). Starts over in runs/demo-real-SEED; make demo-real SEED=1.
 SEED ?= 42
 DEMO_REAL_OUT ?= runs/demo-real-$(SEED)
 DEMO_REAL_EVAL := --data orz_fast/data/demo_real/heldout.jsonl --template plain --samples 4 --max-tokens 12 \
