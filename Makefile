@@ -1,11 +1,11 @@
-# orz_fast: make test | make test-vllm | make test-frameworks | make demo | make bench | make lint |
+# orz_fast: make test | make test-vllm | make test-frameworks | make demo | make demo-real | make bench | make lint |
 #           make gpu-wheels, then make gpu-check on a GPU machine
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.orz_fast-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: install test test-vllm test-frameworks demo bench lint clean gpu-wheels gpu-check
+.PHONY: install test test-vllm test-frameworks demo demo-real bench lint clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -77,6 +77,26 @@ demo: install
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.train --preset demo --out runs/demo
 	$(PY) -m orz_fast.plot runs/demo
+
+# The real-model demo (README, "Real-model demo"): SmolLM2-135M-Instruct on the held-out problems, ORZ PPO on
+# the training problems, the curves, the trained policy on the same held-out problems (avg@4 beside the best
+# constant answer and the distribution of answers). Starts over in runs/demo-real-SEED; make demo-real SEED=1.
+SEED ?= 42
+DEMO_REAL_OUT ?= runs/demo-real-$(SEED)
+DEMO_REAL_EVAL := --data orz_fast/data/demo_real/heldout.jsonl --template plain --samples 4 --max-tokens 12 \
+	--seed $(SEED) --report-constant --no-progress
+demo-real: install
+	rm -rf $(DEMO_REAL_OUT)
+	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.eval $(DEMO_REAL_EVAL) --out $(DEMO_REAL_OUT)/eval-before \
+		--model "$$($(PY) -c 'from orz_fast.config import smollm2_gguf; print(smollm2_gguf())')"
+	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.train --preset demo-real --out $(DEMO_REAL_OUT) \
+		--set train.seed=$(SEED) --set logging.progress=false
+	$(PY) -m orz_fast.plot $(DEMO_REAL_OUT)
+	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.eval $(DEMO_REAL_EVAL) --out $(DEMO_REAL_OUT)/eval-after \
+		--model $(DEMO_REAL_OUT)/policy_hf
+	@echo "held-out (before, then after training):"
+	@$(PY) -c "import json, sys; [print(f\"{p}: avg@4 {s['accuracy']:.4f}, best constant {s['best_constant_answer']!r} {s['best_constant_accuracy']:.4f}\") for p in sys.argv[1:] for s in [json.load(open(p))]]" \
+		$(DEMO_REAL_OUT)/eval-before/heldout_summary.json $(DEMO_REAL_OUT)/eval-after/heldout_summary.json
 
 bench: install
 	$(PY) -m pytest benchmarks/

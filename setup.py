@@ -32,6 +32,8 @@ ext_modules = [
 
 setup(
     packages=find_packages(include=["orz_fast", "orz_fast.*"]),
+    # the demo-real task's prompt files (python -m orz_fast.data.demo_real writes them)
+    package_data={"orz_fast.data": ["demo_real/*.jsonl"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtRequired},
 )

