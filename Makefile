@@ -90,7 +90,7 @@ demo-real: install
 	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.eval $(DEMO_REAL_EVAL) --out $(DEMO_REAL_OUT)/eval-before \
 		--model "$$($(PY) -c 'from orz_fast.config import smollm2_gguf; print(smollm2_gguf())')"
 	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.train --preset demo-real --out $(DEMO_REAL_OUT) \
-		--set train.seed=$(SEED) --set logging.progress=false
+		--set train.seed=$(SEED)
 	$(PY) -m orz_fast.plot $(DEMO_REAL_OUT)
 	OMP_NUM_THREADS=1 $(PY) -W ignore -m orz_fast.eval $(DEMO_REAL_EVAL) --out $(DEMO_REAL_OUT)/eval-after \
 		--model $(DEMO_REAL_OUT)/policy_hf
