@@ -52,10 +52,9 @@ GAP_ARCHS = {
 
 def max_logprob_gap(arch: dict) -> float:
     """Largest |rollout - trainer| log-prob over the response tokens of a sampled run (every rank returns it)."""
-    import torch
+    from test_rollout_logprobs import trainer_logprobs
 
     from orz_fast.models import build_model
-    from orz_fast.models.lm_head import packed_token_logprobs
     from orz_fast.rollout import NativeEngine, SamplingParams
 
     model = build_model(arch, seed=TP_SEED, device="cpu")
@@ -63,18 +62,8 @@ def max_logprob_gap(arch: dict) -> float:
     out = NativeEngine(model, block_size=4).generate(
         prompts, SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=24)
     )
-    ids, bounds, rows, targets, rollout = [], [0], [], [], []
-    for prompt, cs in zip(prompts, out, strict=True):
-        for c in cs:
-            start = len(ids)
-            ids += prompt + c.token_ids.tolist()
-            bounds.append(len(ids))
-            rows += [start + len(prompt) - 1 + t for t in range(len(c.token_ids))]
-            targets += c.token_ids.tolist()
-            rollout += c.logprobs.tolist()
-    args = (torch.tensor(ids), torch.tensor(bounds), torch.tensor(rows), torch.tensor(targets))
-    trainer = packed_token_logprobs(model, *args, temperature=0.8)
-    return float((trainer - torch.tensor(rollout)).abs().max())
+    trainer, rollout = trainer_logprobs(model, prompts, out, 0.8)
+    return float((trainer - rollout).abs().max())
 
 
 def run_engine(arch: dict = TP_ARCH, prompts: list[list[int]] = TP_PROMPTS) -> dict:

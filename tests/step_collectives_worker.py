@@ -47,7 +47,12 @@ WRAPPED = (
     "batch_isend_irecv",
     "barrier",
 )
-ALLOWED = ("orz_fast/parallel/collectives.py", "/megatron/", "orz_fast/rollout/native.py", "orz_fast/rollout/model_runner.py")
+ALLOWED = (
+    "orz_fast/parallel/collectives.py",
+    "/megatron/",
+    "orz_fast/rollout/native.py",
+    "orz_fast/rollout/model_runner.py",
+)
 
 
 def caller() -> str:
