@@ -236,15 +236,18 @@ def tis_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, cap:
     return torch.exp(old_logprobs.detach() - rollout_logprobs).clamp(max=cap)
 
 
-def rollout_gap_sums(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[3] in the inputs' dtype: the sum of ``|logp - rollout|`` over counted tokens (``mask`` float), its max,
-    and the max of ``exp(logp - rollout)``; the maxima are -inf over no token. Parts combine by sum, max, max."""
+def rollout_gap_sums(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[3] in the inputs' dtype: the sum of ``|logp - rollout|`` over counted tokens (``mask`` float; None:
+    every token), its max, and the max of ``exp(logp - rollout)``; the maxima are -inf over no token. Parts
+    combine by sum, max, max."""
     gap = logprobs.detach() - rollout_logprobs
     abs_gap = gap.abs()
-    on = mask != 0
     if not gap.numel():
         lowest = torch.full((), -torch.inf, dtype=gap.dtype, device=gap.device)
-        return torch.stack([(abs_gap * mask).sum(), lowest, lowest])
+        return torch.stack([abs_gap.sum(), lowest, lowest])
+    if mask is None:
+        return torch.stack([abs_gap.sum(), abs_gap.amax(), torch.exp(gap.amax())])
+    on = mask != 0
     return torch.stack(
         [
             (abs_gap * mask).sum(),

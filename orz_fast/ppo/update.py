@@ -336,9 +336,9 @@ class Updater:
     def gap_stats(self, trainer_logprobs: torch.Tensor, exp: Experience) -> dict[str, float]:
         """:data:`GAP_METRICS` of the trainer's log-probs at every action of this rank against the rollout's,
         over the data-parallel group: one sum and one max all-reduce."""
-        mask = torch.ones_like(exp.logprobs, dtype=torch.float64)
-        local = rollout_gap_sums(trainer_logprobs.double(), exp.logprobs.double(), mask)
-        sums = collectives.all_reduce(torch.stack([local[0], mask.sum()]), self.dp_group)
+        local = rollout_gap_sums(trainer_logprobs, exp.logprobs, None).double()  # every action counts
+        count = torch.tensor(float(exp.logprobs.numel()), dtype=torch.float64, device=local.device)
+        sums = collectives.all_reduce(torch.stack([local[0], count]), self.dp_group)
         maxes = collectives.all_reduce(local[1:].clone(), self.dp_group, "max")
         diff_sum, tokens, diff_max, ratio_max = torch.cat([sums, maxes]).tolist()  # host read: one per step
         return gap_metrics(diff_sum, diff_max, ratio_max, tokens)
