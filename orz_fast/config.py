@@ -120,6 +120,10 @@ class PPOConfig:
     """Critic optimizer steps (shuffled mini-batches) per rollout."""
     micro_batch_tokens: int = 16384
     """Token budget of one packed micro-batch (gradient accumulation unit)."""
+    share_prompts: bool = True
+    """Training and scoring passes feed each prompt once per micro-batch for all of its samples there (packed
+    together), instead of once per sample: the prompt's forward and backward are shared, as the rollout's
+    prefill is (``orz_fast.models.attention.SharedPrompts``). Same results up to float rounding."""
     fused_loss: bool = True
     """Policy loss through ``orz_fast.ops.linear_ppo_loss`` (gradients made in the forward: three GEMMs
     over the LM head instead of four) instead of ``linear_logprobs`` + ``ppo_policy_loss``."""

@@ -294,6 +294,28 @@ def test_fused_and_unfused_policy_loss_agree_over_several_updates(tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+def test_shared_and_unshared_prompts_give_the_same_run(tmp_path):
+    """Training passes feeding each prompt once for its samples (``ppo.share_prompts``, the default) repeat the
+    run that feeds it once per sample: the same samples, losses and updated weights, up to fp32 rounding; with
+    several policy updates (a recompute pass, shuffled mini-batches) and several critic updates."""
+    sets = ("train.steps=2", "ppo.policy_updates_per_step=2", "ppo.critic_updates_per_step=2")
+    for share in ("true", "false"):
+        run(train_cmd(tmp_path / share, *sets, f"ppo.share_prompts={share}"))
+    shared, unshared = (deterministic(read_metrics(tmp_path / s / "metrics.jsonl")) for s in ("true", "false"))
+    assert len(shared) == 2 and shared[0]["policy_grad_norm"] > 0
+    for a, b in zip(shared, unshared, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(b[key], str):
+                assert a[key] == b[key], key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    want = load_file(tmp_path / "false" / "policy_hf" / "model.safetensors")
+    have = load_file(tmp_path / "true" / "policy_hf" / "model.safetensors")
+    for name in want:
+        torch.testing.assert_close(have[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_grpo_variant_runs_without_critic(tmp_path):
     run(train_cmd(tmp_path, "train.steps=2", "ppo.advantage=grpo", "ckpt.every=1"))
     records = read_metrics(Path(tmp_path) / "metrics.jsonl")

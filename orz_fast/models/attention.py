@@ -11,7 +11,9 @@ Every decoder forward (training, prefill, decode) runs the same layers; what dif
 :class:`PackedSegments` is the training / scoring context: causal attention within each segment
 of a packed stream (flash-attn ``cu_seqlens`` layout), positions restarting at every segment.
 :class:`orz_fast.models.paged.PagedAttention` is the rollout context: prompts attend causally to
-themselves, decode tokens to a paged KV cache, both in one step.
+themselves, decode tokens to a paged KV cache, both in one step. :class:`SharedPrompts` is the
+training context with prompt sharing: each prompt once, followed by its samples' responses, every
+response attending to that one copy.
 
 Segments never attend to each other. On CUDA with flash-attn installed the varlen
 kernel runs the whole stream in one call; otherwise PyTorch SDPA runs once per
@@ -25,8 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -97,10 +101,7 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = segs.cu_seqlens
         return flash_attn_varlen_func(q, k, v, cu, cu, segs.max_seqlen, segs.max_seqlen, causal=True)
-    if q.shape[1] != k.shape[1]:
-        # Expanded K/V keep SDPA on its fused kernels (enable_gqa=True falls back to the math kernel on CPU).
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = _repeat_kv(q, k, v)
     lengths = [end - start for start, end in zip(segs.bounds[:-1], segs.bounds[1:], strict=True)]
     n, longest = len(lengths), segs.max_seqlen
     if n > 1 and n * longest * longest <= PADDED_BATCH_MAX_WASTE * sum(x * x for x in lengths):
@@ -127,3 +128,148 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if len(outs) == 1:
         return outs[0]
     return torch.cat(outs) if outs else torch.zeros_like(q)
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V heads repeated to the query heads (GQA): expanded K/V keep SDPA on its fused kernels
+    (``enable_gqa=True`` falls back to the math kernel on CPU)."""
+    if q.shape[1] == k.shape[1]:
+        return k, v
+    groups = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One prompt and the responses that share it, as laid out in a :class:`SharedPrompts` stream."""
+
+    prompt_len: int
+    response_lens: tuple[int, ...]
+    """Rows of each response (0 allowed), end to end after the prompt."""
+    pad_rows: torch.Tensor
+    """int64 [R]: each response row's place in the group's padded [n, L] batch of its non-empty responses."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.prompt_len + sum(self.response_lens)
+
+
+@dataclass(frozen=True)
+class SharedPrompts:
+    """Training / scoring context in which the samples of one prompt share that prompt's forward.
+
+    The stream is a run of groups, each one prompt's tokens followed by its responses' tokens end to end
+    (``[p][r1][r2]...``). Prompt tokens attend causally within the prompt; a response token attends to the
+    whole prompt and causally within its own response, and its RoPE position continues the prompt's
+    (``len(prompt) + j``), so every response token's output equals the one it has after the prompt in a
+    separate segment (:class:`PackedSegments`), while the prompt's projections and MLPs run once per group
+    instead of once per sample. Gradients of the shared prompt rows are the sums over its samples.
+
+    Attention of a group's responses is one SDPA call over a padded [n, L] batch whose keys are the prompt's
+    (the same K/V rows for every response: only K/V are repeated, never the prompt's forward) followed by the
+    response's own, under a lower-right causal mask; responses too unequal for one padded batch
+    (:data:`PADDED_BATCH_MAX_WASTE`) get one call each.
+    """
+
+    output_rows: ClassVar[None] = None
+    """Every token's hidden state is returned."""
+
+    groups: tuple[PromptGroup, ...]
+    positions_: torch.Tensor
+    """int64 [T] RoPE positions."""
+
+    @classmethod
+    def from_lengths(
+        cls, prompt_lens: np.ndarray, response_lens: np.ndarray, group: np.ndarray, device: torch.device | str
+    ) -> SharedPrompts:
+        """Groups ``g`` of ``prompt_lens[g]`` prompt tokens followed by the responses ``i`` with ``group[i] == g``
+        (``group`` non-decreasing, every group at least one response), of ``response_lens[i]`` tokens each.
+        Host arithmetic in numpy, one host-to-device copy per index tensor."""
+        plen = np.asarray(prompt_lens, dtype=np.int64)
+        rlen = np.asarray(response_lens, dtype=np.int64)
+        group = np.asarray(group, dtype=np.int64)
+        num_groups = len(plen)
+        if num_groups == 0 or plen.min() < 1 or (len(rlen) and rlen.min() < 0):
+            raise ValueError(f"prompts of {plen.tolist()} tokens, responses of {rlen.tolist()} tokens")
+        steps = np.diff(group)
+        if (
+            len(group) != len(rlen)
+            or not len(group)
+            or group[0] != 0
+            or group[-1] != num_groups - 1
+            or (np.any((steps != 0) & (steps != 1)))
+        ):
+            raise ValueError(
+                f"group must be non-decreasing over 0..{num_groups - 1}, one per response: {group.tolist()}"
+            )
+        opens = np.r_[True, group[1:] != group[:-1]]
+        # Pieces in stream order: a group's prompt (positions from 0), then its responses (from the prompt's length).
+        piece_len = np.stack([np.where(opens, plen[group], 0), rlen], 1).reshape(-1)
+        piece_base = np.stack([np.zeros_like(rlen), plen[group]], 1).reshape(-1)
+        piece_start = np.cumsum(piece_len) - piece_len
+        total = int(piece_len.sum())
+        positions = np.arange(total) - np.repeat(piece_start - piece_base, piece_len)
+        # Padded rows: (rank of the response among its group's non-empty ones) x (group's longest) + row within.
+        nonempty = np.cumsum(rlen > 0)
+        rank = nonempty - 1 - (nonempty - (rlen > 0))[opens][group]
+        longest = np.maximum.reduceat(rlen, np.flatnonzero(opens))
+        row_start = np.cumsum(rlen) - rlen
+        within = np.arange(int(rlen.sum())) - np.repeat(row_start, rlen)
+        pad = torch.from_numpy(np.repeat(rank * longest[group], rlen) + within).to(device)
+        per_group = np.bincount(group, weights=rlen, minlength=num_groups).astype(np.int64)
+        lens = np.split(rlen, np.flatnonzero(opens)[1:])
+        groups = tuple(
+            PromptGroup(int(p), tuple(x.tolist()), rows)
+            for p, x, rows in zip(plen.tolist(), lens, pad.split(per_group.tolist()), strict=True)
+        )
+        return cls(groups, torch.from_numpy(positions).to(device))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(g.num_rows for g in self.groups)
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        if num_tokens != self.positions_.numel():
+            raise ValueError(f"the shared-prompt layout has {self.positions_.numel()} tokens, got {num_tokens}")
+        return self.positions_
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v = _repeat_kv(q, k, v)
+        pieces = [n for g in self.groups for n in (g.prompt_len, g.num_rows - g.prompt_len)]
+        qs, ks, vs = q.split(pieces), k.split(pieces), v.split(pieces)
+        outs = []
+        for i, g in enumerate(self.groups):
+            qp, kp, vp = (x[2 * i].transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs))  # [1, H, P, D]
+            outs.append(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)[0].transpose(0, 1))
+            if g.num_rows > g.prompt_len:
+                outs.append(_responses_after_prompt(g, qs[2 * i + 1], ks[2 * i + 1], vs[2 * i + 1], kp, vp))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _responses_after_prompt(
+    g: PromptGroup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor
+) -> torch.Tensor:
+    """Attention output [R, H, D] of one group's response rows (q, k, v: [R, H, D]) over the group's prompt
+    keys/values (``kp``, ``vp``: [1, H, P, D]) and, causally, their own response's."""
+    lens = [x for x in g.response_lens if x]
+    n, longest, p = len(lens), max(lens), g.prompt_len
+    if n > 1 and n * longest * (p + longest) <= PADDED_BATCH_MAX_WASTE * sum(x * (p + x) for x in lens):
+        padded = []
+        for x in (q, k, v):
+            buf = x.new_zeros(n * longest, *x.shape[1:])
+            buf[g.pad_rows] = x
+            padded.append(buf.view(n, longest, *x.shape[1:]).transpose(1, 2))  # [n, H, L, D]
+        qr, kr, vr = padded
+        # Every response sees the prompt's keys first; padding sits after each response's last token, so the
+        # lower-right causal mask keeps real queries off it, and padded query rows are dropped.
+        keys = torch.cat([kp.expand(n, -1, -1, -1), kr], dim=2)
+        values = torch.cat([vp.expand(n, -1, -1, -1), vr], dim=2)
+        out = F.scaled_dot_product_attention(qr, keys, values, attn_mask=causal_lower_right(longest, p + longest))
+        return out.transpose(1, 2).reshape(n * longest, *q.shape[1:])[g.pad_rows]
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+        qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs))
+        keys, values = torch.cat([kp, ks], dim=2), torch.cat([vp, vs], dim=2)
+        mask = causal_lower_right(qs.shape[2], keys.shape[2])
+        outs.append(F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)[0].transpose(0, 1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -30,7 +30,8 @@ class GradSync(Protocol):
 
 
 MicroBatch = dict[str, Any]
-"""A packed micro-batch: at least ``input_ids`` int [T] and ``cu_seqlens`` int [N+1]; any other keys
+"""A packed micro-batch: at least ``input_ids`` int [T] and either ``cu_seqlens`` int [N+1] (packed causal
+segments) or ``attention`` (an attention context, e.g. ``SharedPrompts``); any other keys
 (targets, advantages, masks, ...) are passed through to ``loss_fn``."""
 
 
@@ -74,7 +75,9 @@ def forward_backward(
 
     def step(data_iterator, stage_model):
         batch = next(data_iterator)
-        output = stage_model(batch["input_ids"] if first_stage else None, batch["cu_seqlens"])
+        output = stage_model(
+            batch["input_ids"] if first_stage else None, batch.get("cu_seqlens"), attention=batch.get("attention")
+        )
 
         def reduce(out: torch.Tensor, non_loss_data: bool = False):
             return loss_fn(out, batch)

@@ -19,6 +19,10 @@ action for response token ``j`` is predicted by the hidden state at position
 ``len(prompt) - 1 + j``. :class:`MicroBatches` packs any subset of samples into such inputs,
 with the matching ``targets`` and per-token slices, by concatenating per-sample views on the
 device (no per-token Python); :func:`gather_actions` picks the action rows of a model output.
+
+With ``share_prompts`` the samples of one prompt in a micro-batch feed that prompt once, followed by
+each one's ``response[:-1]`` (the :class:`~orz_fast.models.attention.SharedPrompts` layout): their first
+action is predicted by the prompt's last row, and the prompt's forward is shared by all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 import torch
 
 from orz_fast import packing
+from orz_fast.models.attention import SharedPrompts
 
 PerAction = torch.Tensor | tuple[torch.Tensor, ...]
 """A per-token [A] tensor, or its per-sample views (:meth:`Experience.per_sample`)."""
@@ -172,18 +177,71 @@ class Experience:
         return torch.cat([views[i] for i in rows.tolist()] or [tensor[:0]])
 
     def micro_batches(
-        self, indices: np.ndarray, max_tokens: int, per_action: dict[str, PerAction], *, targets: bool = True
+        self,
+        indices: np.ndarray,
+        max_tokens: int,
+        per_action: dict[str, PerAction],
+        *,
+        targets: bool = True,
+        share_prompts: bool = False,
     ) -> MicroBatches:
         """Samples ``indices`` in micro-batches of at most ``max_tokens`` input tokens (first-fit decreasing).
-        ``per_action``: [A] tensors, or their :meth:`per_sample` views (split once for many calls)."""
+        ``per_action``: [A] tensors, or their :meth:`per_sample` views (split once for many calls).
+        ``share_prompts``: the samples of one prompt are packed together and feed their prompt once
+        (:func:`prompt_units`; a prompt whose samples overflow one micro-batch is split over several)."""
         idx = np.asarray(indices, dtype=np.int64)
-        bins = packing.pack_by_token_budget(self.table.num_inputs[idx], max_tokens)
-        return MicroBatches(self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets)
+        if not share_prompts:
+            bins = packing.pack_by_token_budget(self.table.num_inputs[idx], max_tokens)
+            return MicroBatches(self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets)
+        units = prompt_units(self.table, idx, max_tokens)
+        bins = packing.pack_by_token_budget(np.array([shared_tokens(self.table, u) for u in units]), max_tokens)
+        return MicroBatches(
+            self, [np.concatenate([units[j] for j in b]) for b in bins], per_action, targets=targets, shared=True
+        )
+
+
+def shared_tokens(table: SampleTable, rows: np.ndarray) -> int:
+    """Input tokens of samples ``rows`` (grouped by prompt slot) in the shared-prompt layout: each run of one slot's
+    samples feeds its prompt once, then every sample's response but the last token."""
+    slot = table.slot[rows]
+    starts = np.r_[True, slot[1:] != slot[:-1]] if len(rows) else np.zeros(0, dtype=bool)
+    return int(table.prompt_len[rows[starts]].sum() + np.maximum(table.response_len[rows] - 1, 0).sum())
+
+
+def prompt_units(table: SampleTable, rows: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Samples ``rows`` split into units that share a prompt: per prompt slot (in order of first appearance)
+    its samples in ``rows`` order, cut into consecutive runs of at most ``max_tokens`` shared-layout tokens
+    when they do not fit one. A sample that alone exceeds ``max_tokens`` is an error."""
+    lengths = table.num_inputs[rows]
+    if len(rows) and lengths.max() > max_tokens:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"sample {int(rows[i])} has {int(lengths[i])} tokens, more than max_tokens={max_tokens}")
+    _, first, inverse = np.unique(table.slot[rows], return_index=True, return_inverse=True)
+    appearance = np.argsort(np.argsort(first))  # each slot's rank by its first sample in rows
+    grouped = rows[np.argsort(appearance[inverse], kind="stable")]
+    cuts = np.flatnonzero(np.diff(table.slot[grouped])) + 1
+    units = []
+    for group in np.split(grouped, cuts) if len(rows) else []:
+        prompt, inputs = int(table.prompt_len[group[0]]), np.maximum(table.response_len[group] - 1, 0)
+        if prompt + int(inputs.sum()) <= max_tokens:
+            units.append(group)
+            continue
+        start, used = 0, prompt
+        for j, r in enumerate(inputs.tolist()):  # a prompt over budget: a few long samples, host loop is cheap
+            if used + r > max_tokens:
+                units.append(group[start:j])
+                start, used = j, prompt
+            used += r
+        units.append(group[start:])
+    return units
 
 
 def gather_actions(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """The rows of a micro-batch's model output (hidden states [T, H] or values [T]) that predict its response
-    tokens, end to end in sample order: [A_mb, ...]. Differentiable."""
+    tokens, end to end in sample order: [A_mb, ...]. Differentiable (rows a shared prompt gives several samples
+    receive the sum of their gradients)."""
+    if "action_index" in batch:
+        return output.index_select(0, batch["action_index"])
     return torch.cat(output.split(batch["action_splits"])[1::2])
 
 
@@ -195,7 +253,10 @@ class MicroBatches:
     ``cu_seqlens`` int32 [n+1], ``action_splits`` (host: per sample, the input positions before its first
     action, then its actions; see :func:`gather_actions`), ``targets`` int64 [A_mb] (unless ``targets=False``:
     a value head needs none), ``mask`` [A_mb] (all true), ``samples`` (its indices, host) and the slices of
-    each ``per_action`` [A] tensor under the same keys.
+    each ``per_action`` [A] tensor under the same keys. With ``shared`` (:meth:`Experience.micro_batches` with
+    ``share_prompts``), ``input_ids`` holds each run of one prompt's samples as that prompt, then their
+    responses but the last token, and ``attention`` (their :class:`~orz_fast.models.attention.SharedPrompts`)
+    and ``action_index`` (int64 [A_mb] rows) replace ``cu_seqlens`` and ``action_splits``.
 
     Attributes:
         bins: the sample indices of each micro-batch.
@@ -203,10 +264,19 @@ class MicroBatches:
     """
 
     def __init__(
-        self, exp: Experience, bins: list[np.ndarray], per_action: dict[str, PerAction], *, targets: bool = True
+        self,
+        exp: Experience,
+        bins: list[np.ndarray],
+        per_action: dict[str, PerAction],
+        *,
+        targets: bool = True,
+        shared: bool = False,
     ) -> None:
-        self.exp, self.bins, self.per_action, self.targets = exp, bins, per_action, targets
-        self.tokens = [int(exp.table.num_inputs[b].sum()) for b in bins]
+        self.exp, self.bins, self.per_action, self.targets, self.shared = exp, bins, per_action, targets, shared
+        if shared:
+            self.tokens = [shared_tokens(exp.table, b) for b in bins]
+        else:
+            self.tokens = [int(exp.table.num_inputs[b].sum()) for b in bins]
         self.max_tokens = max(self.tokens, default=0)
 
     def __len__(self) -> int:
@@ -220,10 +290,15 @@ class MicroBatches:
         for b in self.bins:
             rows = b.tolist()
             pl, rl = table.prompt_len[b], table.response_len[b]
-            batch = {
-                "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
-                "cu_seqlens": torch.as_tensor(_offsets(pl + rl - 1), dtype=torch.int32, device=device),
-                "action_splits": np.stack([pl - 1, rl], 1).reshape(-1).tolist(),
+            if self.shared:
+                batch = self._shared_layout(b, prompts, inputs)
+            else:
+                batch = {
+                    "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
+                    "cu_seqlens": torch.as_tensor(_offsets(pl + rl - 1), dtype=torch.int32, device=device),
+                    "action_splits": np.stack([pl - 1, rl], 1).reshape(-1).tolist(),
+                }
+            batch |= {
                 "mask": torch.ones(int(rl.sum()), dtype=torch.bool, device=device),
                 "samples": b,
                 **{k: torch.cat([views[i] for i in rows]) for k, views in per_action.items()},
@@ -231,6 +306,33 @@ class MicroBatches:
             if self.targets:
                 batch["targets"] = torch.cat([responses[i] for i in rows]).long()
             yield batch
+
+    def _shared_layout(self, b: np.ndarray, prompts, inputs) -> dict[str, Any]:
+        """``input_ids``, ``attention`` (:class:`SharedPrompts`) and ``action_index`` (int64 [A_mb]: the row that
+        predicts each action) of samples ``b`` whose runs of one prompt slot share that prompt."""
+        table, device = self.exp.table, self.exp.device
+        slot, rl = table.slot[b], table.response_len[b]
+        rin = np.maximum(rl - 1, 0)
+        starts = np.r_[True, slot[1:] != slot[:-1]]
+        plen = table.prompt_len[b[starts]]
+        pieces = rin + np.where(starts, table.prompt_len[b], 0)  # rows each sample adds (its prompt if it opens a run)
+        ends = np.cumsum(pieces)
+        group = np.cumsum(starts) - 1
+        prompt_last = (ends - pieces)[starts][group] + plen[group] - 1
+        action_offsets = _offsets(rl)
+        index = np.repeat(ends - rin - 1, rl) + (
+            np.arange(int(action_offsets[-1])) - np.repeat(action_offsets[:-1], rl)
+        )
+        index[action_offsets[:-1][rl > 0]] = prompt_last[rl > 0]  # the first action: the prompt's last row
+        slots = slot.tolist()
+        ids = [
+            t for k, i in enumerate(b.tolist()) for t in ((prompts[slots[k]], inputs[i]) if starts[k] else (inputs[i],))
+        ]
+        return {
+            "input_ids": torch.cat(ids),
+            "attention": SharedPrompts.from_lengths(plen, rin, group, device),
+            "action_index": torch.from_numpy(index).to(device),
+        }
 
 
 def step_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, np.ndarray]:

@@ -98,7 +98,13 @@ class Updater:
         ``targets``: the batches carry the response tokens (a value head needs none)."""
         out = torch.zeros(exp.num_actions, dtype=torch.float32, device=exp.device)
         out_views = exp.per_sample(out)
-        mbs = exp.micro_batches(np.arange(len(exp.table)), self.cfg.ppo.micro_batch_tokens, {}, targets=targets)
+        mbs = exp.micro_batches(
+            np.arange(len(exp.table)),
+            self.cfg.ppo.micro_batch_tokens,
+            {},
+            targets=targets,
+            share_prompts=self.cfg.ppo.share_prompts,
+        )
 
         def into_out(output, b):
             values = fn(output, b).float().split(exp.table.response_len[b["samples"]].tolist())
@@ -257,6 +263,7 @@ class Updater:
     ) -> tuple[dict[str, float], float, float]:
         """One optimizer step per mini-batch; returns (stats summed over the step's tokens, and the ``max_keys``
         stats' maxima over them (-inf over no token), mean grad norm, skipped)."""
+        p = self.cfg.ppo
         views = {k: exp.per_sample(v) for k, v in per_action.items()}  # split once for all mini-batches
         tokens = [float(exp.table.response_len[c].sum()) for c in chunks]
         totals_per_chunk = collectives.all_reduce(
@@ -268,7 +275,9 @@ class Updater:
         norms, skipped = [], 0
         for chunk, total in zip(chunks, totals_per_chunk, strict=True):
             if len(chunk):
-                mbs = exp.micro_batches(chunk, self.cfg.ppo.micro_batch_tokens, views, targets=targets)
+                mbs = exp.micro_batches(
+                    chunk, self.cfg.ppo.micro_batch_tokens, views, targets=targets, share_prompts=p.share_prompts
+                )
                 # forward_backward divides by the micro-batch count and the optimizer's data-parallel mean by dp:
                 # undo both so the gradient is the token mean over the mini-batch on all ranks.
                 stats = parallel.forward_backward(
