@@ -200,6 +200,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of ORZ's 128 prompts per step")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--engine-output", choices=["arrays", "lists"], default="arrays")
+    parser.add_argument("--share-prompts", choices=["true", "false"], default="true", help="ppo.share_prompts")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
@@ -218,6 +219,7 @@ def main() -> None:
             "ppo.micro_batch_tokens=16384",
             "ppo.critic_updates_per_step=12",
             "ckpt.every=0",
+            f"ppo.share_prompts={args.share_prompts}",
         ],
     )
     StandInEngine.output = args.engine_output

@@ -12,6 +12,8 @@
 #include <queue>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -73,6 +75,70 @@ std::vector<std::vector<int64_t>> pack_by_token_budget(
     }
   }
   return bins;
+}
+
+// First-fit decreasing for samples that share their prompt within a bin: a sample costs its own tokens
+// in a bin that already holds a sample of its group (prompt), and its own plus the prompt's elsewhere.
+// Samples go in decreasing order of their cost alone (prompt + own; ties keep index order) to the first
+// bin already holding their group where their own tokens fit, else the first bin where both fit (a new
+// one if none). Each bin lists its samples grouped by group, groups in order of arrival.
+std::vector<std::vector<int64_t>> pack_shared_prompts(
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> own_arr,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> group_arr,
+    py::array_t<int64_t, py::array::c_style | py::array::forcecast> prompt_arr,
+    int64_t max_tokens) {
+  if (max_tokens <= 0) throw std::invalid_argument("max_tokens must be > 0, got " + std::to_string(max_tokens));
+  auto own = own_arr.unchecked<1>();
+  auto group = group_arr.unchecked<1>();
+  auto prompt = prompt_arr.unchecked<1>();
+  const int64_t n = own.shape(0);
+  if (group.shape(0) != n || prompt.shape(0) != n)
+    throw std::invalid_argument("own, group and prompt lengths must have one entry per sample");
+  for (int64_t i = 0; i < n; ++i) {
+    if (own(i) < 0 || prompt(i) < 0)
+      throw std::invalid_argument("sample " + std::to_string(i) + " has a negative length");
+    if (own(i) + prompt(i) > max_tokens)
+      throw std::invalid_argument("sample " + std::to_string(i) + " has " + std::to_string(own(i) + prompt(i)) +
+                                  " tokens, more than max_tokens=" + std::to_string(max_tokens));
+  }
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return own(a) + prompt(a) > own(b) + prompt(b); });
+
+  // Per bin its groups (group id, samples), and per group id the (bin, position) of its runs.
+  std::vector<std::vector<std::pair<int64_t, std::vector<int64_t>>>> bins;
+  std::vector<int64_t> free;
+  std::unordered_map<int64_t, std::vector<std::pair<int64_t, int64_t>>> runs;
+  FirstFitTree tree(std::max<int64_t>(n, 1), max_tokens);
+  {
+    py::gil_scoped_release release;
+    for (int64_t idx : order) {
+      auto& mine = runs[group(idx)];
+      int64_t bin = -1, pos = -1;
+      for (const auto& [b, p] : mine)
+        if (free[b] >= own(idx) && (bin < 0 || b < bin)) bin = b, pos = p;
+      int64_t cost = own(idx);
+      if (bin < 0) {
+        cost += prompt(idx);
+        bin = tree.find(cost);
+        if (bin == static_cast<int64_t>(bins.size())) {
+          bins.emplace_back();
+          free.push_back(max_tokens);
+        }
+        pos = static_cast<int64_t>(bins[bin].size());
+        bins[bin].emplace_back(group(idx), std::vector<int64_t>());
+        mine.emplace_back(bin, pos);
+      }
+      bins[bin][pos].second.push_back(idx);
+      free[bin] -= cost;
+      tree.take(bin, cost);
+    }
+  }
+  std::vector<std::vector<int64_t>> out(bins.size());
+  for (size_t b = 0; b < bins.size(); ++b)
+    for (const auto& run : bins[b]) out[b].insert(out[b].end(), run.second.begin(), run.second.end());
+  return out;
 }
 
 // One partial solution of the k-way largest differencing method: k groups,
@@ -171,6 +237,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_by_token_budget", &pack_by_token_budget, py::arg("lengths"), py::arg("max_tokens"),
         "First-fit decreasing: bins of sample indices (int64 lengths), each bin's total <= max_tokens. "
         "Ties in length keep index order; bins are numbered in order of opening.");
+  m.def("pack_shared_prompts", &pack_shared_prompts, py::arg("own"), py::arg("group"), py::arg("prompt"),
+        py::arg("max_tokens"),
+        "First-fit decreasing where a sample's prompt counts once per bin: bins of sample indices, each "
+        "bin's own tokens plus one prompt per group <= max_tokens, samples grouped by group in each bin.");
   m.def("balance", &balance, py::arg("workloads"), py::arg("k"), py::arg("equal_size") = false,
         "k-way Karmarkar-Karp (largest differencing) partition of float64 workloads into k groups of "
         "sample indices (each sorted ascending), groups ordered by workload, largest first. With "

@@ -92,6 +92,65 @@ def pack_by_token_budget_ref(lengths: Sequence[int] | np.ndarray, max_tokens: in
     return bins
 
 
+def pack_shared_prompts(
+    own: Sequence[int] | np.ndarray,
+    group: Sequence[int] | np.ndarray,
+    prompt: Sequence[int] | np.ndarray,
+    max_tokens: int,
+) -> list[list[int]]:
+    """Pack samples into bins of at most ``max_tokens`` tokens where the samples of one prompt in a bin feed that
+    prompt once (first-fit decreasing).
+
+    Args:
+        own: [N] each sample's own tokens (its response's inputs).
+        group: [N] its prompt's id; samples with one id share one prompt of ``prompt`` tokens.
+        prompt: [N] its prompt's tokens.
+        max_tokens: capacity of one bin: its samples' own tokens plus each of its prompts once.
+    Returns:
+        Bins of sample indices, in the order they were opened. Samples go in decreasing order of ``own +
+        prompt`` (ties keep index order) to the first bin that already holds their prompt and has room for
+        their own tokens, else to the first bin with room for both; within a bin the samples of one prompt are
+        consecutive, prompts in order of arrival. A sample whose ``own + prompt`` exceeds ``max_tokens`` is an error.
+    """
+    own_, prompt_ = _as_lengths(own), _as_lengths(prompt)
+    group_ = np.ascontiguousarray(np.asarray(group, dtype=np.int64))
+    if not (len(own_) == len(group_) == len(prompt_)):
+        raise ValueError(
+            f"own, group and prompt need one entry per sample, got {len(own_)}, {len(group_)}, {len(prompt_)}"
+        )
+    _check_budget(own_ + prompt_, max_tokens)
+    return _C.pack_shared_prompts(own_, group_, prompt_, int(max_tokens))
+
+
+def pack_shared_prompts_ref(
+    own: Sequence[int] | np.ndarray,
+    group: Sequence[int] | np.ndarray,
+    prompt: Sequence[int] | np.ndarray,
+    max_tokens: int,
+) -> list[list[int]]:
+    """Pure-Python reference of :func:`pack_shared_prompts` (same output)."""
+    own_, prompt_ = _as_lengths(own).tolist(), _as_lengths(prompt).tolist()
+    group_ = [int(g) for g in group]
+    _check_budget(np.asarray(own_, dtype=np.int64) + np.asarray(prompt_, dtype=np.int64), max_tokens)
+    order = sorted(range(len(own_)), key=lambda i: -(own_[i] + prompt_[i]))
+    bins: list[dict[int, list[int]]] = []  # per bin: group -> samples, in order of arrival
+    free: list[int] = []
+    for i in order:
+        have = [b for b, runs in enumerate(bins) if group_[i] in runs and free[b] >= own_[i]]
+        if have:
+            b, cost = have[0], own_[i]
+        else:
+            cost = own_[i] + prompt_[i]
+            b = next((j for j, room in enumerate(free) if room >= cost), len(bins))
+            if b == len(bins):
+                bins.append({})
+                free.append(max_tokens)
+            bins[b][group_[i]] = []
+        bins[b][group_[i]].append(i)
+        free[b] -= cost
+    return [[i for run in runs.values() for i in run] for runs in bins]
+
+
 def balance(
     lengths: Sequence[int] | np.ndarray,
     k: int,

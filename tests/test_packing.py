@@ -57,6 +57,48 @@ def test_pack_errors_name_the_sample():
     assert packing.pack_by_token_budget([], 8) == []
 
 
+def shared_bin_tokens(b, own, group, prompt):
+    """A bin's tokens when each of its prompts counts once; its samples of one prompt must be consecutive."""
+    runs = [group[i] for k, i in enumerate(b) if k == 0 or group[i] != group[b[k - 1]]]
+    assert len(runs) == len(set(runs)), f"a prompt's samples are split within bin {b}"
+    return int(own[b].sum()) + sum(int(prompt[b][[group[i] == g for i in b]][0]) for g in runs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget, samples_per_prompt", [(16384, 64), (2048, 8), (600, 3)])
+def test_pack_shared_prompts_matches_reference(seed, budget, samples_per_prompt):
+    """ORZ-like steps (prompts of 16..2048 tokens, responses log-normal to 8000) and short demo-like ones: the C++
+    packing equals the reference, every bin fits with one prompt per group, and it needs no more bins than
+    packing every sample with its own prompt."""
+    rng = np.random.default_rng(seed)
+    groups = 40
+    prompt_of = np.clip(rng.lognormal(5.3, 0.7, groups), 16, min(2048, budget // 4)).astype(np.int64)
+    group = np.repeat(np.arange(groups), samples_per_prompt)
+    rng.shuffle(group)
+    own = np.minimum(rl_lengths(len(group), seed, cap=8000), budget - prompt_of[group])
+    if budget < 16384:
+        own = rng.integers(1, 12, size=len(group)) * (budget // 600 + 1)
+    prompt = prompt_of[group]
+    got = packing.pack_shared_prompts(own, group, prompt, budget)
+    assert got == packing.pack_shared_prompts_ref(own, group, prompt, budget)
+    assert sorted(i for b in got for i in b) == list(range(len(group)))
+    assert all(0 < shared_bin_tokens(b, own, group, prompt) <= budget for b in got)
+    assert len(got) <= len(packing.pack_by_token_budget(own + prompt, budget))
+
+
+def test_pack_shared_prompts_small_cases_and_errors():
+    # sample 3 (group 0) no longer fits bin 0 beside it, nor bin 1 with its prompt: a third bin
+    assert packing.pack_shared_prompts([5, 5, 5, 3], [0, 0, 1, 0], [4, 4, 4, 4], 15) == [[0, 1], [2], [3]]
+    # one prompt, many small samples: all share one bin that per-sample packing would need 3 of
+    assert packing.pack_shared_prompts([1] * 6, [7] * 6, [4] * 6, 10) == [[0, 1, 2, 3, 4, 5]]
+    assert len(packing.pack_by_token_budget([5] * 6, 10)) == 3
+    with pytest.raises(ValueError, match="sample 1 has 9 tokens, more than max_tokens=8"):
+        packing.pack_shared_prompts([1, 5], [0, 1], [3, 4], 8)
+    with pytest.raises(ValueError, match="one entry per sample"):
+        packing.pack_shared_prompts([1, 5], [0], [3, 4], 8)
+    assert packing.pack_shared_prompts([], [], [], 8) == []
+
+
 def max_load(groups, lens):
     w = packing.workloads(lens)
     return max(w[g].sum() if g else 0.0 for g in groups)

@@ -9,7 +9,7 @@ import torch
 from orz_fast import parallel
 from orz_fast.models import build_model
 from orz_fast.models.attention import PackedSegments, SharedPrompts
-from orz_fast.ppo.experience import from_completions, gather_actions, prompt_units, shared_tokens, step_prompts
+from orz_fast.ppo.experience import from_completions, gather_actions, step_prompts
 from orz_fast.rollout import Completion
 
 GQA_QWEN2 = {
@@ -117,7 +117,7 @@ def test_micro_batches_feed_each_prompt_once_and_point_at_the_predicting_rows():
     seen = []
     for b, tokens in zip(mbs, mbs.tokens, strict=True):
         ids = b["input_ids"]
-        assert ids.numel() == tokens <= 24 and tokens == shared_tokens(exp.table, b["samples"])
+        assert ids.numel() == tokens <= 24
         slots = exp.table.slot[b["samples"]].tolist()
         # each prompt slot's samples form one run
         runs = [s for k, s in enumerate(slots) if k == 0 or s != slots[k - 1]]
@@ -135,12 +135,8 @@ def test_micro_batches_feed_each_prompt_once_and_point_at_the_predicting_rows():
         assert b["extra"].tolist() == exp.actions_of(torch.arange(exp.num_actions) * 1.0, b["samples"]).tolist()
         seen += b["samples"].tolist()
     assert sorted(seen) == list(range(len(exp.table)))
-    # prompts whose samples overflow the budget are split into runs that each fit
-    units = prompt_units(exp.table, np.arange(len(exp.table)), 16)
-    assert all(shared_tokens(exp.table, u) <= 16 and len(set(exp.table.slot[u])) == 1 for u in units)
-    assert sorted(np.concatenate(units).tolist()) == list(range(len(exp.table)))
     with pytest.raises(ValueError, match="more than max_tokens=4"):
-        prompt_units(exp.table, np.arange(len(exp.table)), 4)
+        exp.micro_batches(np.arange(len(exp.table)), 4, {}, share_prompts=True)
 
 
 @pytest.mark.parametrize("role", ["policy", "critic"])

@@ -25,6 +25,7 @@ math backend on CPU), which is the per-segment causal mask without materialising
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -154,7 +155,29 @@ class PromptGroup:
         return self.prompt_len + sum(self.response_lens)
 
 
-@dataclass(frozen=True)
+def shared_prompt_layout(
+    prompt_len: np.ndarray, response_len: np.ndarray, opens: np.ndarray, row_base: np.ndarray | int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of :class:`SharedPrompts` streams from per-response host arrays (O(responses), no per-row work):
+    ``prompt_len[i]`` (its prompt's tokens), ``response_len[i]`` (its rows) and ``opens[i]`` (it is the first
+    response of its group, so its prompt's rows come just before its own). Several streams end to end are laid
+    out at once when ``row_base[i]`` is the row where response ``i``'s stream starts (rows count from there).
+
+    Returns ``pieces`` int64 [S, 4]: per response its prompt piece's rows (0 unless it opens its group), its own
+    rows, and the shifts of both pieces (a row's RoPE position is its row minus its piece's shift); and per
+    response the row where it starts and the row where its group (prompt) starts."""
+    rows = response_len + prompt_len * opens
+    ends = np.cumsum(rows) - row_base
+    response_start = ends - response_len
+    group_start = np.maximum.accumulate(np.where(opens, ends - rows + row_base, 0)) - row_base
+    pieces = np.empty((len(rows), 4), dtype=np.int64)
+    pieces[:, 0], pieces[:, 1] = prompt_len * opens, response_len
+    # prompt rows: the offset from the group's start; response rows: the prompt's length plus the offset in it
+    pieces[:, 2], pieces[:, 3] = group_start, response_start - prompt_len
+    return pieces, response_start, group_start
+
+
+@dataclass(frozen=True, eq=False)
 class SharedPrompts:
     """Training / scoring context in which the samples of one prompt share that prompt's forward.
 
@@ -169,22 +192,31 @@ class SharedPrompts:
     (the same K/V rows for every response: only K/V are repeated, never the prompt's forward) followed by the
     response's own, under a lower-right causal mask; responses too unequal for one padded batch
     (:data:`PADDED_BATCH_MAX_WASTE`) get one call each.
+
+    The layout is per-response host arrays plus its pieces on the device (:func:`shared_prompt_layout`);
+    per-row tensors (positions, padded-batch rows) are made on the device by the forward that needs them.
     """
 
     output_rows: ClassVar[None] = None
     """Every token's hidden state is returned."""
 
-    groups: tuple[PromptGroup, ...]
-    positions_: torch.Tensor
-    """int64 [T] RoPE positions."""
+    prompt_len: np.ndarray
+    """int64 [S]: each response's prompt tokens."""
+    response_lens: np.ndarray
+    """int64 [S]: each response's rows, in stream order."""
+    opens: np.ndarray
+    """bool [S]: the response is its group's first."""
+    pieces: torch.Tensor
+    """int64 [S, 4] on the tokens' device: :func:`shared_prompt_layout`'s ``pieces``."""
+    num_rows: int
+    """Rows T of the stream."""
 
     @classmethod
     def from_lengths(
         cls, prompt_lens: np.ndarray, response_lens: np.ndarray, group: np.ndarray, device: torch.device | str
     ) -> SharedPrompts:
         """Groups ``g`` of ``prompt_lens[g]`` prompt tokens followed by the responses ``i`` with ``group[i] == g``
-        (``group`` non-decreasing, every group at least one response), of ``response_lens[i]`` tokens each.
-        Host arithmetic in numpy, one host-to-device copy per index tensor."""
+        (``group`` non-decreasing, every group at least one response), of ``response_lens[i]`` tokens each."""
         plen = np.asarray(prompt_lens, dtype=np.int64)
         rlen = np.asarray(response_lens, dtype=np.int64)
         group = np.asarray(group, dtype=np.int64)
@@ -197,48 +229,56 @@ class SharedPrompts:
             or not len(group)
             or group[0] != 0
             or group[-1] != num_groups - 1
-            or (np.any((steps != 0) & (steps != 1)))
+            or np.any((steps != 0) & (steps != 1))
         ):
             raise ValueError(
                 f"group must be non-decreasing over 0..{num_groups - 1}, one per response: {group.tolist()}"
             )
-        opens = np.r_[True, group[1:] != group[:-1]]
-        # Pieces in stream order: a group's prompt (positions from 0), then its responses (from the prompt's length).
-        piece_len = np.stack([np.where(opens, plen[group], 0), rlen], 1).reshape(-1)
-        piece_base = np.stack([np.zeros_like(rlen), plen[group]], 1).reshape(-1)
-        piece_start = np.cumsum(piece_len) - piece_len
-        total = int(piece_len.sum())
-        positions = np.arange(total) - np.repeat(piece_start - piece_base, piece_len)
+        opens = np.concatenate([[True], steps != 0])
+        pieces, _, _ = shared_prompt_layout(plen[group], rlen, opens)
+        return cls(plen[group], rlen, opens, torch.from_numpy(pieces).to(device), int(pieces[:, :2].sum()))
+
+    @cached_property
+    def positions_(self) -> torch.Tensor:
+        """int64 [T] RoPE positions, on the device."""
+        piece_len, piece_shift = self.pieces[:, :2].reshape(-1), self.pieces[:, 2:4].reshape(-1)
+        rows = torch.arange(self.num_rows, device=self.pieces.device)
+        return rows - torch.repeat_interleave(piece_shift, piece_len, output_size=self.num_rows)
+
+    @cached_property
+    def groups(self) -> tuple[PromptGroup, ...]:
+        """Per group its prompt, its responses and their rows in its padded response batch (made once, on the
+        pieces' device)."""
+        rlen, opens = self.response_lens, self.opens
+        group = np.cumsum(opens) - 1
         # Padded rows: (rank of the response among its group's non-empty ones) x (group's longest) + row within.
         nonempty = np.cumsum(rlen > 0)
         rank = nonempty - 1 - (nonempty - (rlen > 0))[opens][group]
         longest = np.maximum.reduceat(rlen, np.flatnonzero(opens))
-        row_start = np.cumsum(rlen) - rlen
-        within = np.arange(int(rlen.sum())) - np.repeat(row_start, rlen)
-        pad = torch.from_numpy(np.repeat(rank * longest[group], rlen) + within).to(device)
-        per_group = np.bincount(group, weights=rlen, minlength=num_groups).astype(np.int64)
-        lens = np.split(rlen, np.flatnonzero(opens)[1:])
-        groups = tuple(
-            PromptGroup(int(p), tuple(x.tolist()), rows)
-            for p, x, rows in zip(plen.tolist(), lens, pad.split(per_group.tolist()), strict=True)
+        rows = int(rlen.sum())
+        shift, counts = torch.from_numpy(np.stack([rank * longest[group] - (np.cumsum(rlen) - rlen), rlen])).to(
+            self.pieces.device
         )
-        return cls(groups, torch.from_numpy(positions).to(device))
-
-    @property
-    def num_rows(self) -> int:
-        return sum(g.num_rows for g in self.groups)
+        pad = torch.repeat_interleave(shift, counts, output_size=rows) + torch.arange(rows, device=shift.device)
+        per_group = np.bincount(group, weights=rlen, minlength=len(longest)).astype(np.int64)
+        lens = np.split(rlen, np.flatnonzero(opens)[1:])
+        return tuple(
+            PromptGroup(int(p), tuple(x.tolist()), rows)
+            for p, x, rows in zip(self.prompt_len[opens].tolist(), lens, pad.split(per_group.tolist()), strict=True)
+        )
 
     def positions(self, num_tokens: int) -> torch.Tensor:
-        if num_tokens != self.positions_.numel():
-            raise ValueError(f"the shared-prompt layout has {self.positions_.numel()} tokens, got {num_tokens}")
+        if num_tokens != self.num_rows:
+            raise ValueError(f"the shared-prompt layout has {self.num_rows} tokens, got {num_tokens}")
         return self.positions_
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k, v = _repeat_kv(q, k, v)
-        pieces = [n for g in self.groups for n in (g.prompt_len, g.num_rows - g.prompt_len)]
+        groups = self.groups
+        pieces = [n for g in groups for n in (g.prompt_len, g.num_rows - g.prompt_len)]
         qs, ks, vs = q.split(pieces), k.split(pieces), v.split(pieces)
         outs = []
-        for i, g in enumerate(self.groups):
+        for i, g in enumerate(groups):
             qp, kp, vp = (x[2 * i].transpose(0, 1).unsqueeze(0) for x in (qs, ks, vs))  # [1, H, P, D]
             outs.append(F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)[0].transpose(0, 1))
             if g.num_rows > g.prompt_len:

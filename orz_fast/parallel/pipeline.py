@@ -2,9 +2,12 @@
 
 With ``pp > 1`` megatron-core's non-interleaved 1F1B schedule runs the micro-batches
 (activations travel between stages as [T, 1, H] with their shapes exchanged, since
-packed micro-batches differ in length); with ``pp == 1`` its no-pipelining schedule
-accumulates gradients over them. On CPU the schedule runs under
-:func:`orz_fast.parallel.cpu_compat.cpu_pipeline_compat`.
+packed micro-batches differ in length). On CPU the schedule runs under
+:func:`orz_fast.parallel.cpu_compat.cpu_pipeline_compat`. With ``pp == 1`` a plain loop
+accumulates gradients over them, the steps of megatron-core's no-pipelining schedule
+(forward, loss divided by the micro-batch count, its ``backward_step``; every backward
+but the last under ``no_sync``) without its per-micro-batch bookkeeping, which costs
+about as much host time as a micro-batch's own work at ORZ's thousands per step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
 from orz_fast.parallel import collectives
 from orz_fast.parallel.cpu_compat import cpu_pipeline_compat
@@ -71,13 +74,13 @@ def forward_backward(
     """
     if not micro_batches:
         raise ValueError("micro_batches is empty")
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return _no_pipelining(model, micro_batches, loss_fn, forward_only=forward_only, grad_sync=grad_sync)
     first_stage = parallel_state.is_pipeline_first_stage()
 
     def step(data_iterator, stage_model):
         batch = next(data_iterator)
-        output = stage_model(
-            batch["input_ids"] if first_stage else None, batch.get("cu_seqlens"), attention=batch.get("attention")
-        )
+        output = _forward(stage_model, batch, first_stage)
 
         def reduce(out: torch.Tensor, non_loss_data: bool = False):
             return loss_fn(out, batch)
@@ -105,6 +108,39 @@ def forward_backward(
     finally:
         model.config.no_sync_func = saved_no_sync
     return list(result) if parallel_state.is_pipeline_last_stage() else []
+
+
+def _forward(model: torch.nn.Module, batch: MicroBatch, first_stage: bool) -> torch.Tensor:
+    ids = batch["input_ids"] if first_stage else None
+    return model(ids, batch.get("cu_seqlens"), attention=batch.get("attention"))
+
+
+def _no_pipelining(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch] | LazyMicroBatches,
+    loss_fn: Callable[[torch.Tensor, MicroBatch], Any],
+    *,
+    forward_only: bool,
+    grad_sync: GradSync | None,
+) -> list[Any]:
+    """:func:`forward_backward` with one pipeline stage: megatron-core's no-pipelining schedule, step for step."""
+    n = len(micro_batches)
+    results = []
+    if forward_only:
+        for batch in micro_batches:
+            results.append(loss_fn(_forward(model, batch, True), batch))
+        return results
+    overlap = grad_sync.overlap_grad_reduce() if grad_sync is not None else contextlib.nullcontext()
+    with overlap:
+        for i, batch in enumerate(micro_batches):
+            # the data-parallel reduction starts in the last micro-batch's backward
+            sync = grad_sync.no_sync() if grad_sync is not None and i < n - 1 else contextlib.nullcontext()
+            with sync:
+                loss, stats = loss_fn(_forward(model, batch, True), batch)
+                loss /= n  # in place, as megatron-core's schedules do: a stat aliasing the loss sees it too
+                results.append(stats)
+                schedules.backward_step(None, loss, None, model.model_type, model.config)
+    return results
 
 
 def tied_embedding_copy(model: torch.nn.Module) -> torch.nn.Parameter | None:

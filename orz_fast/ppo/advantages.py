@@ -42,10 +42,11 @@ def whiten(
 ) -> torch.Tensor:
     """``(A - mean) / (std + eps)`` with mean and (biased) std over the tokens of every rank of ``group``
     (in float64, one all-reduce of three numbers); ``inplace`` overwrites ``advantages``."""
-    total = advantages.sum(dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=advantages.device)
     squares = torch.zeros((), dtype=torch.float64, device=advantages.device)
     for part in advantages.split(1 << 20):  # float64 a slice at a time: no [T] float64 copy
-        part = part.double()
+        part = part.double()  # (a float32 sum with dtype=float64 is a slower, unvectorised loop on CPU)
+        total += part.sum()
         squares += torch.dot(part, part)
     count = torch.tensor(float(advantages.numel()), dtype=torch.float64, device=advantages.device)
     count, total, squares = collectives.all_reduce(torch.stack([count, total, squares]), group).unbind()

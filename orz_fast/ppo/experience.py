@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from orz_fast import packing
-from orz_fast.models.attention import SharedPrompts
+from orz_fast.models.attention import SharedPrompts, shared_prompt_layout
 
 PerAction = torch.Tensor | tuple[torch.Tensor, ...]
 """A per-token [A] tensor, or its per-sample views (:meth:`Experience.per_sample`)."""
@@ -187,62 +187,28 @@ class Experience:
     ) -> MicroBatches:
         """Samples ``indices`` in micro-batches of at most ``max_tokens`` input tokens (first-fit decreasing).
         ``per_action``: [A] tensors, or their :meth:`per_sample` views (split once for many calls).
-        ``share_prompts``: the samples of one prompt are packed together and feed their prompt once
-        (:func:`prompt_units`; a prompt whose samples overflow one micro-batch is split over several)."""
+        ``share_prompts``: the samples of one prompt in a micro-batch feed it once, and packing counts it once
+        (:func:`orz_fast.packing.pack_shared_prompts`: a sample goes first to a micro-batch holding its prompt)."""
         idx = np.asarray(indices, dtype=np.int64)
         if not share_prompts:
             bins = packing.pack_by_token_budget(self.table.num_inputs[idx], max_tokens)
             return MicroBatches(self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets)
-        units = prompt_units(self.table, idx, max_tokens)
-        bins = packing.pack_by_token_budget(np.array([shared_tokens(self.table, u) for u in units]), max_tokens)
-        return MicroBatches(
-            self, [np.concatenate([units[j] for j in b]) for b in bins], per_action, targets=targets, shared=True
+        table = self.table
+        bins = packing.pack_shared_prompts(
+            np.maximum(table.response_len[idx] - 1, 0), table.slot[idx], table.prompt_len[idx], max_tokens
         )
-
-
-def shared_tokens(table: SampleTable, rows: np.ndarray) -> int:
-    """Input tokens of samples ``rows`` (grouped by prompt slot) in the shared-prompt layout: each run of one slot's
-    samples feeds its prompt once, then every sample's response but the last token."""
-    slot = table.slot[rows]
-    starts = np.r_[True, slot[1:] != slot[:-1]] if len(rows) else np.zeros(0, dtype=bool)
-    return int(table.prompt_len[rows[starts]].sum() + np.maximum(table.response_len[rows] - 1, 0).sum())
-
-
-def prompt_units(table: SampleTable, rows: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Samples ``rows`` split into units that share a prompt: per prompt slot (in order of first appearance)
-    its samples in ``rows`` order, cut into consecutive runs of at most ``max_tokens`` shared-layout tokens
-    when they do not fit one. A sample that alone exceeds ``max_tokens`` is an error."""
-    lengths = table.num_inputs[rows]
-    if len(rows) and lengths.max() > max_tokens:
-        i = int(np.argmax(lengths))
-        raise ValueError(f"sample {int(rows[i])} has {int(lengths[i])} tokens, more than max_tokens={max_tokens}")
-    _, first, inverse = np.unique(table.slot[rows], return_index=True, return_inverse=True)
-    appearance = np.argsort(np.argsort(first))  # each slot's rank by its first sample in rows
-    grouped = rows[np.argsort(appearance[inverse], kind="stable")]
-    cuts = np.flatnonzero(np.diff(table.slot[grouped])) + 1
-    units = []
-    for group in np.split(grouped, cuts) if len(rows) else []:
-        prompt, inputs = int(table.prompt_len[group[0]]), np.maximum(table.response_len[group] - 1, 0)
-        if prompt + int(inputs.sum()) <= max_tokens:
-            units.append(group)
-            continue
-        start, used = 0, prompt
-        for j, r in enumerate(inputs.tolist()):  # a prompt over budget: a few long samples, host loop is cheap
-            if used + r > max_tokens:
-                units.append(group[start:j])
-                start, used = j, prompt
-            used += r
-        units.append(group[start:])
-    return units
+        return MicroBatches(
+            self, [idx[np.asarray(b, dtype=np.int64)] for b in bins], per_action, targets=targets, shared=True
+        )
 
 
 def gather_actions(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     """The rows of a micro-batch's model output (hidden states [T, H] or values [T]) that predict its response
     tokens, end to end in sample order: [A_mb, ...]. Differentiable (rows a shared prompt gives several samples
     receive the sum of their gradients)."""
-    if "action_index" in batch:
-        return output.index_select(0, batch["action_index"])
-    return torch.cat(output.split(batch["action_splits"])[1::2])
+    parts = output.split(batch["action_splits"])
+    picks = batch.get("action_picks")
+    return torch.cat(parts[1::2] if picks is None else [parts[i] for i in picks])
 
 
 class MicroBatches:
@@ -255,8 +221,9 @@ class MicroBatches:
     a value head needs none), ``mask`` [A_mb] (all true), ``samples`` (its indices, host) and the slices of
     each ``per_action`` [A] tensor under the same keys. With ``shared`` (:meth:`Experience.micro_batches` with
     ``share_prompts``), ``input_ids`` holds each run of one prompt's samples as that prompt, then their
-    responses but the last token, and ``attention`` (their :class:`~orz_fast.models.attention.SharedPrompts`)
-    and ``action_index`` (int64 [A_mb] rows) replace ``cu_seqlens`` and ``action_splits``.
+    responses but the last token, ``attention`` (their :class:`~orz_fast.models.attention.SharedPrompts`)
+    replaces ``cu_seqlens``, and ``action_picks`` lists the ``action_splits`` pieces that are actions, in order
+    (a prompt's last row once per sample of its run).
 
     Attributes:
         bins: the sample indices of each micro-batch.
@@ -274,10 +241,45 @@ class MicroBatches:
     ) -> None:
         self.exp, self.bins, self.per_action, self.targets, self.shared = exp, bins, per_action, targets, shared
         if shared:
-            self.tokens = [shared_tokens(exp.table, b) for b in bins]
+            self.tokens = self._plan_shared()
         else:
             self.tokens = [int(exp.table.num_inputs[b].sum()) for b in bins]
         self.max_tokens = max(self.tokens, default=0)
+
+    def _plan_shared(self) -> list[int]:
+        """The shared-prompt layout of every micro-batch at once (host arithmetic over the samples, vectorised):
+        per sample its prompt length, rows, whether it opens its prompt's run, its :func:`shared_prompt_layout`
+        pieces (each micro-batch copies its slice to the device) and its actions' pieces. Returns the
+        micro-batches' token counts."""
+        table = self.exp.table
+        sizes = np.array([len(b) for b in self.bins], dtype=np.int64)
+        self._bounds = _offsets(sizes)
+        order = np.concatenate(self.bins) if self.bins else np.zeros(0, dtype=np.int64)
+        slot, rl, pl = table.slot[order], table.response_len[order], table.prompt_len[order]
+        if len(rl) and rl.min() < 1:
+            i = int(order[np.argmin(rl)])
+            raise ValueError(f"sample {i} has an empty response: prompt sharing needs at least one response token")
+        opens = np.empty(len(order), dtype=bool)
+        opens[:1] = True
+        np.not_equal(slot[1:], slot[:-1], out=opens[1:])
+        opens[self._bounds[:-1][sizes > 0]] = True  # every micro-batch opens with a prompt
+        rin = rl - 1
+        bin_of = np.repeat(np.arange(len(sizes)), sizes)
+        firsts = self._bounds[:-1][sizes > 0]
+        rows = np.zeros(len(sizes), dtype=np.int64)
+        actions = np.zeros(len(sizes), dtype=np.int64)
+        if len(order):
+            rows[sizes > 0] = np.add.reduceat(rin + pl * opens, firsts)
+            actions[sizes > 0] = np.add.reduceat(rl, firsts)
+        self._pieces = shared_prompt_layout(pl, rin, opens, _offsets(rows)[:-1][bin_of])[0]
+        # The actions' rows as pieces of the stream (see gather_actions): per sample its prompt's head and last row
+        # (empty unless it opens its prompt's run), then its own rows; its actions are its prompt's last row
+        # (the one its run's first sample holds) followed by its own rows.
+        self._splits = np.stack([opens * (pl - 1), opens.astype(np.int64), rin], 1).reshape(-1)
+        run_first = np.maximum.accumulate(np.where(opens, np.arange(len(order)), 0))
+        self._picks = np.stack([3 * run_first + 1, 3 * np.arange(len(order)) + 2], 1).reshape(-1)
+        self._opens, self._rin, self._pl = opens, rin, pl
+        return rows.tolist()
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -287,11 +289,11 @@ class MicroBatches:
         prompts, inputs, responses = exp.token_views
         per_action = {k: v if isinstance(v, tuple) else exp.per_sample(v) for k, v in self.per_action.items()}
         slots = table.slot.tolist()
-        for b in self.bins:
+        for k, b in enumerate(self.bins):
             rows = b.tolist()
             pl, rl = table.prompt_len[b], table.response_len[b]
             if self.shared:
-                batch = self._shared_layout(b, prompts, inputs)
+                batch = self._shared_layout(k, b, prompts, inputs)
             else:
                 batch = {
                     "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
@@ -307,31 +309,20 @@ class MicroBatches:
                 batch["targets"] = torch.cat([responses[i] for i in rows]).long()
             yield batch
 
-    def _shared_layout(self, b: np.ndarray, prompts, inputs) -> dict[str, Any]:
-        """``input_ids``, ``attention`` (:class:`SharedPrompts`) and ``action_index`` (int64 [A_mb]: the row that
-        predicts each action) of samples ``b`` whose runs of one prompt slot share that prompt."""
-        table, device = self.exp.table, self.exp.device
-        slot, rl = table.slot[b], table.response_len[b]
-        rin = np.maximum(rl - 1, 0)
-        starts = np.r_[True, slot[1:] != slot[:-1]]
-        plen = table.prompt_len[b[starts]]
-        pieces = rin + np.where(starts, table.prompt_len[b], 0)  # rows each sample adds (its prompt if it opens a run)
-        ends = np.cumsum(pieces)
-        group = np.cumsum(starts) - 1
-        prompt_last = (ends - pieces)[starts][group] + plen[group] - 1
-        action_offsets = _offsets(rl)
-        index = np.repeat(ends - rin - 1, rl) + (
-            np.arange(int(action_offsets[-1])) - np.repeat(action_offsets[:-1], rl)
-        )
-        index[action_offsets[:-1][rl > 0]] = prompt_last[rl > 0]  # the first action: the prompt's last row
-        slots = slot.tolist()
+    def _shared_layout(self, k: int, b: np.ndarray, prompts, inputs) -> dict[str, Any]:
+        """``input_ids``, ``attention`` (:class:`SharedPrompts`), ``action_splits`` and ``action_picks`` of
+        micro-batch ``k`` (samples ``b``): slices of the planned layout, one host-to-device copy."""
+        lo, hi = self._bounds[k], self._bounds[k + 1]
+        pieces = torch.from_numpy(self._pieces[lo:hi]).to(self.exp.device)
+        opens, slots = self._opens[lo:hi], self.exp.table.slot[b].tolist()
         ids = [
-            t for k, i in enumerate(b.tolist()) for t in ((prompts[slots[k]], inputs[i]) if starts[k] else (inputs[i],))
+            t for j, i in enumerate(b.tolist()) for t in ((prompts[slots[j]], inputs[i]) if opens[j] else (inputs[i],))
         ]
         return {
             "input_ids": torch.cat(ids),
-            "attention": SharedPrompts.from_lengths(plen, rin, group, device),
-            "action_index": torch.from_numpy(index).to(device),
+            "attention": SharedPrompts(self._pl[lo:hi], self._rin[lo:hi], opens, pieces, self.tokens[k]),
+            "action_splits": self._splits[3 * lo : 3 * hi].tolist(),
+            "action_picks": (self._picks[2 * lo : 2 * hi] - 3 * lo).tolist(),
         }
 
 
