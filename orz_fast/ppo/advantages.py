@@ -88,11 +88,13 @@ def _gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.gae`` over all responses: one call (one kernel launch) on an accelerator; on CPU tensors, runs of
     whole responses of about :data:`CPU_GAE_TOKENS` tokens, so that the torch path's [T]-sized float64
-    temporaries stay cache-sized (5-9x faster at 12M tokens, and each run's prefix sums are shorter)."""
+    temporaries stay cache-sized (5-9x faster at 12M tokens, and each run's prefix sums are shorter). The runs'
+    advantages overwrite ``rewards`` (each run's rewards are read before its advantages are written): a [T]
+    buffer fewer to allocate and fault in."""
     if rewards.device.type != "cpu" or rewards.numel() <= CPU_GAE_TOKENS:
         return ops.gae(rewards, values, cu_seqlens, gamma, lam)
     cu = cu_seqlens.numpy()
-    advantages, returns = torch.empty_like(values), torch.empty_like(values)
+    advantages, returns = rewards, torch.empty_like(values)
     first, n = 0, len(cu) - 1
     while first < n:
         last = min(max(int(np.searchsorted(cu, cu[first] + CPU_GAE_TOKENS, side="right")) - 1, first + 1), n)
