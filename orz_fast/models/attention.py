@@ -157,15 +157,14 @@ class PromptGroup:
 
 def shared_prompt_layout(
     prompt_len: np.ndarray, response_len: np.ndarray, opens: np.ndarray, row_base: np.ndarray | int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Rows of :class:`SharedPrompts` streams from per-response host arrays (O(responses), no per-row work):
     ``prompt_len[i]`` (its prompt's tokens), ``response_len[i]`` (its rows) and ``opens[i]`` (it is the first
     response of its group, so its prompt's rows come just before its own). Several streams end to end are laid
     out at once when ``row_base[i]`` is the row where response ``i``'s stream starts (rows count from there).
 
     Returns ``pieces`` int64 [S, 4]: per response its prompt piece's rows (0 unless it opens its group), its own
-    rows, and the shifts of both pieces (a row's RoPE position is its row minus its piece's shift); and per
-    response the row where it starts and the row where its group (prompt) starts."""
+    rows, and the shifts of both pieces (a row's RoPE position is its row minus its piece's shift)."""
     rows = response_len + prompt_len * opens
     ends = np.cumsum(rows) - row_base
     response_start = ends - response_len
@@ -174,7 +173,7 @@ def shared_prompt_layout(
     pieces[:, 0], pieces[:, 1] = prompt_len * opens, response_len
     # prompt rows: the offset from the group's start; response rows: the prompt's length plus the offset in it
     pieces[:, 2], pieces[:, 3] = group_start, response_start - prompt_len
-    return pieces, response_start, group_start
+    return pieces
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,7 +234,7 @@ class SharedPrompts:
                 f"group must be non-decreasing over 0..{num_groups - 1}, one per response: {group.tolist()}"
             )
         opens = np.concatenate([[True], steps != 0])
-        pieces, _, _ = shared_prompt_layout(plen[group], rlen, opens)
+        pieces = shared_prompt_layout(plen[group], rlen, opens)
         return cls(plen[group], rlen, opens, torch.from_numpy(pieces).to(device), int(pieces[:, :2].sum()))
 
     @cached_property

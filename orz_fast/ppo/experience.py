@@ -267,11 +267,9 @@ class MicroBatches:
         bin_of = np.repeat(np.arange(len(sizes)), sizes)
         firsts = self._bounds[:-1][sizes > 0]
         rows = np.zeros(len(sizes), dtype=np.int64)
-        actions = np.zeros(len(sizes), dtype=np.int64)
         if len(order):
             rows[sizes > 0] = np.add.reduceat(rin + pl * opens, firsts)
-            actions[sizes > 0] = np.add.reduceat(rl, firsts)
-        self._pieces = shared_prompt_layout(pl, rin, opens, _offsets(rows)[:-1][bin_of])[0]
+        self._pieces = shared_prompt_layout(pl, rin, opens, _offsets(rows)[:-1][bin_of])
         # The actions' rows as pieces of the stream (see gather_actions): per sample its prompt's head and last row
         # (empty unless it opens its prompt's run), then its own rows; its actions are its prompt's last row
         # (the one its run's first sample holds) followed by its own rows.
