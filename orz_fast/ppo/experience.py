@@ -289,10 +289,11 @@ class MicroBatches:
         slots = table.slot.tolist()
         for k, b in enumerate(self.bins):
             rows = b.tolist()
-            pl, rl = table.prompt_len[b], table.response_len[b]
+            rl = table.response_len[b]
             if self.shared:
                 batch = self._shared_layout(k, b, prompts, inputs)
             else:
+                pl = table.prompt_len[b]
                 batch = {
                     "input_ids": torch.cat([t for i in rows for t in (prompts[slots[i]], inputs[i])]),
                     "cu_seqlens": torch.as_tensor(_offsets(pl + rl - 1), dtype=torch.int32, device=device),

@@ -98,12 +98,9 @@ class Updater:
         ``targets``: the batches carry the response tokens (a value head needs none)."""
         out = torch.zeros(exp.num_actions, dtype=torch.float32, device=exp.device)
         out_views = exp.per_sample(out)
+        p = self.cfg.ppo
         mbs = exp.micro_batches(
-            np.arange(len(exp.table)),
-            self.cfg.ppo.micro_batch_tokens,
-            {},
-            targets=targets,
-            share_prompts=self.cfg.ppo.share_prompts,
+            np.arange(len(exp.table)), p.micro_batch_tokens, {}, targets=targets, share_prompts=p.share_prompts
         )
 
         def into_out(output, b):
@@ -276,7 +273,7 @@ class Updater:
         for chunk, total in zip(chunks, totals_per_chunk, strict=True):
             if len(chunk):
                 mbs = exp.micro_batches(
-                    chunk, self.cfg.ppo.micro_batch_tokens, views, targets=targets, share_prompts=p.share_prompts
+                    chunk, p.micro_batch_tokens, views, targets=targets, share_prompts=p.share_prompts
                 )
                 # forward_backward divides by the micro-batch count and the optimizer's data-parallel mean by dp:
                 # undo both so the gradient is the token mean over the mini-batch on all ranks.
